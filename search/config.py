@@ -1,0 +1,91 @@
+"""The search recipe: one YAML file under ``configs/search/`` -> :class:`SearchConfig`.
+
+Top-level keys (unknown keys are rejected, so a typo fails loudly instead of being ignored):
+
+- ``space``: the :class:`~vac.search.space.SearchSpace` (genes, bounds, choices);
+- ``search``: :class:`~vac.search.loop.SearchSettings` (population, generations, mode, seed...);
+- ``evaluator`` (``compression`` | ``toy`` | ``module:Class``) and ``evaluation`` (its options;
+  for ``compression`` the model spec handed to ``vac.pipeline.evaluate_strategy``), ``toy``
+  (options of the toy evaluator when ``--evaluator toy`` overrides);
+- ``compress_base``: fixed ``CompressConfig`` keys written under every genome's keys;
+- ``executor`` (``local`` | ``ray``), ``workers``, ``address``, ``gpus_per_actor``,
+  ``cpus_per_actor``, ``runtime_env``;
+- ``out`` (run directory), ``wandb`` (``project``, ``entity``, ``mode``, ``enabled``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vac.errors import VacError
+
+from .evaluators import EvaluatorSpec
+from .loop import SearchSettings
+from .space import SearchSpace
+
+
+@dataclass
+class SearchConfig:
+    space: SearchSpace
+    search: SearchSettings = field(default_factory=SearchSettings)
+    evaluator: str = "compression"
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    toy: dict[str, Any] = field(default_factory=dict)
+    compress_base: dict[str, Any] = field(default_factory=dict)
+    executor: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1
+    runtime_env: dict[str, Any] | None = None
+    out: str = "runs/search"
+    wandb: dict[str, Any] = field(default_factory=lambda: {"project": "vac-search"})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        if not isinstance(data, dict):
+            raise VacError("a search config must be a YAML mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VacError(f"unknown search config keys {unknown}; known: {sorted(known)}")
+        if "space" not in data:
+            raise VacError("a search config needs a 'space:' section (at least num_layers)")
+        data = dict(data)
+        data["space"] = SearchSpace.from_dict(data["space"] or {})
+        settings = data.get("search") or {}
+        bad = sorted(set(settings) - {f.name for f in fields(SearchSettings)})
+        if bad:
+            raise VacError(f"unknown keys in 'search:' {bad}; known: {[f.name for f in fields(SearchSettings)]}")
+        data["search"] = SearchSettings(**settings)
+        if data.get("executor", "local") not in ("local", "ray"):
+            raise VacError(f"executor {data['executor']!r}: use 'local' or 'ray'")
+        for key in ("evaluation", "toy", "compress_base", "wandb"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise VacError(f"search config {path} not found (presets live in configs/search/)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise VacError(f"search config {path} is not valid YAML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def evaluator_spec(self) -> EvaluatorSpec:
+        options = self.toy if self.evaluator == "toy" else self.evaluation
+        return EvaluatorSpec(self.evaluator, dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["space"] = self.space.to_dict()
+        out["search"] = asdict(self.search)
+        return out

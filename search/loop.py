@@ -1,0 +1,323 @@
+"""The NSGA-II search loop: evaluate, select, checkpoint, resume.
+
+Generation 0 is the seed population (front-to-back, back-to-front and middle-out orders on
+a neutral background, then random genomes). Each later generation breeds ``offspring``
+children by binary tournament, crossover and mutation, evaluates the ones whose key is not
+in the cache, and keeps the best ``population`` of parents + children by ``selNSGA2``.
+
+After every generation the whole state (population with fitnesses, cache, archive front,
+logbook, RNG states) goes to ``state.json`` atomically; ``resume=True`` restores it and
+continues with the same random stream, so an interrupted seeded run ends exactly where an
+uninterrupted one would. A kill loses at most the generation in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from deap import tools
+from tqdm.auto import tqdm
+
+from vac.errors import VacError
+
+from .evaluators import FAILED_QUALITY
+from .genome import dump_config
+from .operators import SEED_ORDERS, Variation, make_offspring
+from .pareto import best_by_quality, hypervolume, nondominated, valid
+from .plots import plot_fitness, plot_pareto
+from .space import FitnessPareto, FitnessSingle, Individual, SearchSpace
+from .state import (atomic_write_json, individual_from_dict, individual_to_dict, isolated_rng, read_json,
+                    rng_state, set_rng_state)
+from .tracking import NullTracker
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class SearchSettings:
+    """How the search runs (everything but the space and the executor)."""
+
+    population: int = 8
+    #: generations after the initial one; evaluations <= population + generations * offspring
+    generations: int = 5
+    #: children per generation (default: population size)
+    offspring: int | None = None
+    #: "pareto": minimise quality and maximise achieved ratio; "single": quality at a fixed ratio
+    mode: str = "pareto"
+    seed: int = 0
+    cxpb: float = 0.9
+    mutpb: float = 1.0
+    eta_cx: float = 15.0
+    eta_mut: float = 20.0
+    #: per-gene mutation probability; None = 1 / (size of each gene group)
+    indpb: float | None = None
+    #: single mode: how many best genomes to write as YAML
+    top_k: int = 3
+    #: label of the quality metric in plots and logs
+    metric: str = "quality"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pareto", "single"):
+            raise VacError(f"search mode {self.mode!r}: use 'pareto' or 'single'")
+        if self.population < 2:
+            raise VacError(f"population must be at least 2, got {self.population}")
+        if self.generations < 0:
+            raise VacError(f"generations must be >= 0, got {self.generations}")
+        if self.offspring is None:
+            self.offspring = self.population
+        if self.offspring < 1:
+            raise VacError(f"offspring must be >= 1, got {self.offspring}")
+
+    def identity(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the checkpoint (all but generations)."""
+        return {k: v for k, v in asdict(self).items() if k != "generations"}
+
+
+@dataclass
+class SearchResult:
+    front: list[dict[str, Any]]
+    logbook: list[dict[str, Any]]
+    cache: dict[str, dict[str, Any]]
+    run_dir: Path
+    evaluated: int  # evaluations run by this process (not restored from a checkpoint)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+class Search:
+    """One search run in ``run_dir`` over ``space``, evaluating through ``executor.map``.
+
+    ``base_config``: fixed ``CompressConfig`` keys merged under every genome's keys (sent to
+    the evaluator and written into the genome YAMLs). ``plots``: write the PNGs each
+    generation. ``progress``: a tqdm bar and one line per generation.
+    """
+
+    def __init__(self, space: SearchSpace, executor, run_dir, settings: SearchSettings | None = None, *,
+                 base_config: dict[str, Any] | None = None, tracker=None, resume: bool = False,
+                 progress: bool = True, plots: bool = True):
+        self.space, self.executor = space, executor
+        self.settings = settings or SearchSettings()
+        if self.settings.mode == "single" and not space.single_ratio:
+            raise VacError("single-objective search needs a fixed ratio in the space (ratio: 1.8), "
+                           f"got the range {space.ratio}")
+        self.run_dir = Path(run_dir)
+        self.base_config = dict(base_config or {})
+        self.tracker = tracker or NullTracker()
+        self.resume, self.progress, self.plots = resume, progress, plots
+        self.fitness_cls = FitnessPareto if self.settings.mode == "pareto" else FitnessSingle
+        self.variation = Variation(space, eta_cx=self.settings.eta_cx, eta_mut=self.settings.eta_mut,
+                                   indpb=self.settings.indpb)
+        self.population: list[Individual] = []
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.logbook: list[dict[str, Any]] = []
+        self.front: list[dict[str, Any]] = []
+        self.generation = -1
+        self.hv_ref: float | None = None
+        self.evaluated = 0
+        self._gen_stats: dict[str, int] = {}
+
+    # ---- public -------------------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.run_dir / STATE_FILE
+        state = None
+        if state_path.exists():
+            if not self.resume:
+                raise VacError(f"{self.run_dir} already holds a search checkpoint; pass --resume to "
+                               "continue it, or choose another --out")
+            state = read_json(state_path)
+            self._check_compatible(state)
+        with isolated_rng():
+            self.tracker.start(self.run_dir, self._describe(), resume_id=(state or {}).get("wandb_id"))
+        if state is not None:
+            self._restore(state)
+        else:
+            random.seed(self.settings.seed)
+            np.random.seed(self.settings.seed)
+            self.population = self._initial_population()
+            self._evaluate(self.population, generation=0)
+            self.population = tools.selNSGA2(self.population, self.settings.population)
+            self.generation = 0
+            self._end_generation()
+        bar = tqdm(total=self.settings.generations, initial=self.generation, disable=not self.progress,
+                   desc="search", unit="gen")
+        try:
+            while self.generation < self.settings.generations:
+                generation = self.generation + 1
+                children = make_offspring(self.population, self.settings.offspring, self.variation,
+                                          self.settings.cxpb, self.settings.mutpb)
+                self._evaluate(children, generation)
+                self.population = tools.selNSGA2(self.population + children, self.settings.population)
+                self.generation = generation
+                self._end_generation(bar)
+                bar.update(1)
+        finally:
+            bar.close()
+            with isolated_rng():
+                self.tracker.finish()
+        return SearchResult(front=self.front, logbook=self.logbook, cache=self.cache, run_dir=self.run_dir,
+                            evaluated=self.evaluated)
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    def _initial_population(self) -> list[Individual]:
+        n = self.space.num_layers
+        seeds = []
+        if self.space.free_order:
+            seeds = [self.space.centre_individual(make(n), self.fitness_cls) for make in SEED_ORDERS.values()]
+        seeds = seeds[:self.settings.population]
+        return seeds + [self.space.random_individual(self.fitness_cls)
+                        for _ in range(self.settings.population - len(seeds))]
+
+    def _evaluate(self, individuals: list[Individual], generation: int) -> None:
+        """Fitness for every individual; only keys never seen before go to the executor."""
+        genomes = [self.space.decode(ind) for ind in individuals]
+        keys = [g.key() for g in genomes]
+        todo: dict[str, dict[str, Any]] = {}
+        for key, genome in zip(keys, genomes):
+            if key not in self.cache and key not in todo:
+                todo[key] = genome.to_config()
+        results = self.executor.map([{**self.base_config, **config} for config in todo.values()])
+        if len(results) != len(todo):
+            raise VacError(f"executor returned {len(results)} results for {len(todo)} genomes")
+        failures = [r for r in results if "error" in r]
+        if results and len(failures) == len(results) and (generation == 0 or len(results) > 1):
+            raise VacError(f"every evaluation of generation {generation} failed; first error: "
+                           f"{failures[0]['error']}")
+        for (key, config), result in zip(todo.items(), results):
+            self.evaluated += 1
+            self.cache[key] = {**result, "key": key, "generation": generation, "config": config}
+            with isolated_rng():
+                self.tracker.log_evaluation(len(self.cache), generation, key, config, result)
+        for ind, key in zip(individuals, keys):
+            entry = self.cache[key]
+            ind.fitness.values = ((entry["quality"], entry["ratio"]) if self.settings.mode == "pareto"
+                                  else (entry["quality"],))
+        self._gen_stats = {"evals": len(todo), "hits": len(individuals) - len(todo), "failed": len(failures)}
+
+    # ---- per-generation bookkeeping -----------------------------------------------------
+
+    def _archive_front(self) -> list[dict[str, Any]]:
+        entries = list(self.cache.values())
+        if self.settings.mode == "pareto":
+            return nondominated(entries)
+        return best_by_quality(entries, self.settings.top_k)
+
+    def _record(self) -> dict[str, Any]:
+        fits = [ind.fitness.values for ind in self.population if ind.fitness.values[0] < FAILED_QUALITY]
+        qualities = [f[0] for f in fits] or [math.nan]
+        ratios = [self.cache[k]["ratio"] for k in (self.space.decode(i).key() for i in self.population)
+                  if "error" not in self.cache[k]] or [math.nan]
+        if self.hv_ref is None:
+            finite = [e["quality"] for e in valid(self.cache.values())]
+            self.hv_ref = max(finite) * 1.1 if finite else None
+        return {"gen": self.generation, **self._gen_stats, "cache": len(self.cache),
+                "q_min": min(qualities), "q_median": statistics.median(qualities), "q_max": max(qualities),
+                "r_min": min(ratios), "r_max": max(ratios), "front": len(self.front),
+                "hv": hypervolume(self.front, self.hv_ref) if self.hv_ref and self.settings.mode == "pareto"
+                else math.nan,
+                "best_quality": self.front[0]["quality"] if self.settings.mode == "single" and self.front
+                else min((e["quality"] for e in self.front), default=math.nan)}
+
+    def _end_generation(self, bar=None) -> None:
+        self.front = self._archive_front()
+        record = self._record()
+        self.logbook.append(record)
+        self._checkpoint()
+        with isolated_rng():
+            self._write_outputs()
+            self.tracker.log_generation(record, self.front)
+        if self.progress:
+            line = (f"gen {record['gen']}/{self.settings.generations}: {record['evals']} evaluated, "
+                    f"{record['hits']} cached, {record['failed']} failed | best {self.settings.metric} "
+                    f"{record['q_min']:.4g}, median {record['q_median']:.4g}, max ratio {record['r_max']:.3f}, "
+                    f"front {record['front']}" + (f", hv {record['hv']:.4g}" if self.settings.mode == "pareto" else ""))
+            (bar.write if bar is not None else tqdm.write)(line)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"settings": asdict(self.settings), "space": self.space.to_dict(), "base_config": self.base_config,
+                "executor": repr(self.executor)}
+
+    # ---- checkpoint / resume ------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        state = {"version": STATE_VERSION, "generation": self.generation,
+                 "settings": asdict(self.settings), "space": self.space.to_dict(),
+                 "base_config": self.base_config, "hv_ref": self.hv_ref,
+                 "wandb_id": getattr(self.tracker, "run_id", None),
+                 "population": [individual_to_dict(ind) for ind in self.population],
+                 "cache": self.cache, "front": [e["key"] for e in self.front], "logbook": self.logbook,
+                 "rng": rng_state()}
+        atomic_write_json(self.run_dir / STATE_FILE, state)
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise VacError(f"{self.run_dir / STATE_FILE} has checkpoint version {state.get('version')}, "
+                           f"this code writes {STATE_VERSION}; start a new run (--out)")
+        saved = {k: v for k, v in state["settings"].items() if k != "generations"}
+        problems = []
+        if saved != _jsonable(self.settings.identity()):
+            problems.append(f"settings {saved} vs {self.settings.identity()}")
+        if state["space"] != _jsonable(self.space.to_dict()):
+            problems.append(f"space {state['space']} vs {self.space.to_dict()}")
+        if state.get("base_config", {}) != _jsonable(self.base_config):
+            problems.append(f"base config {state.get('base_config')} vs {self.base_config}")
+        if problems:
+            raise VacError("cannot resume: the checkpoint was made with a different search ("
+                           + "; ".join(problems) + "). Only --generations may change on --resume.")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.generation = state["generation"]
+        self.hv_ref = state["hv_ref"]
+        self.cache = state["cache"]
+        self.logbook = state["logbook"]
+        self.population = [individual_from_dict(d, self.fitness_cls) for d in state["population"]]
+        self.front = self._archive_front()
+        set_rng_state(state["rng"])
+        if self.progress:
+            tqdm.write(f"resumed {self.run_dir} at generation {self.generation} "
+                       f"({len(self.cache)} genomes in the cache)")
+
+    # ---- outputs ------------------------------------------------------------------------
+
+    def _write_outputs(self) -> None:
+        """Front (or top-k) as compression YAMLs + front.json + plots; derived from the
+        checkpoint, so they are rewritten (not appended) each generation."""
+        pareto = self.settings.mode == "pareto"
+        tmp = self.run_dir / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for i, entry in enumerate(self.front):
+            name = f"front-{i:02d}-ratio{entry['ratio']:.3f}.yaml" if pareto else f"top-{i:02d}.yaml"
+            (tmp / name).write_text(self._genome_yaml(entry))
+        shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+        tmp.rename(self.run_dir / "best")
+        if not pareto and self.front:
+            (self.run_dir / "best.yaml").write_text(self._genome_yaml(self.front[0]))
+        atomic_write_json(self.run_dir / "front.json", {"generation": self.generation, "mode": self.settings.mode,
+                                                         "front": self.front})
+        if self.plots:
+            label = self.settings.metric
+            plot_pareto(list(self.cache.values()), self.front, self.run_dir / "pareto.png",
+                        quality_label=f"{label} (lower is better)", pareto=pareto)
+            plot_fitness(self.logbook, self.run_dir / "fitness.png", pareto=pareto, quality_label=label)
+
+    def _genome_yaml(self, entry: dict[str, Any]) -> str:
+        header = (f"# vac.search genome {entry['key']} (generation {entry['generation']}): "
+                  f"{self.settings.metric} {entry['quality']:.6g}, achieved ratio {entry['ratio']:.4f}\n"
+                  f"# use with: python -m vac.compress --config <this file>\n")
+        return header + dump_config({**self.base_config, **entry["config"]})

@@ -1,0 +1,64 @@
+"""Plots saved into the run directory (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .pareto import valid  # noqa: E402
+
+
+def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
+                *, quality_label: str = "quality (lower is better)", pareto: bool = True) -> None:
+    """Every evaluated genome (coloured by the generation that found it) and the front."""
+    entries = valid(entries)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    if entries:
+        sc = ax.scatter([e["ratio"] for e in entries], [e["quality"] for e in entries],
+                        c=[e.get("generation", 0) for e in entries], cmap="viridis", s=18, alpha=0.75,
+                        label="evaluated")
+        fig.colorbar(sc, ax=ax, label="generation found")
+    if front:
+        xs, ys = [e["ratio"] for e in front], [e["quality"] for e in front]
+        if pareto:
+            ax.step(xs, ys, where="pre", color="tab:red", lw=1.2, alpha=0.8)
+        ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=60, lw=1.5,
+                   label="Pareto front" if pareto else "best")
+    ax.set_xlabel("achieved ratio (higher is better)")
+    ax.set_ylabel(quality_label)
+    ax.set_title("Pareto front" if pareto else "evaluated genomes")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_fitness(logbook: list[dict[str, Any]], path: Path, *, pareto: bool = True,
+                 quality_label: str = "quality") -> None:
+    """Population quality (best, median) per generation; hypervolume or best ratio alongside."""
+    gens = [r["gen"] for r in logbook]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.plot(gens, [r["q_min"] for r in logbook], "o-", label=f"best {quality_label}")
+    ax.plot(gens, [r["q_median"] for r in logbook], "s--", label=f"median {quality_label}")
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"{quality_label} (population)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    key, label = ("hv", "hypervolume of archive front") if pareto else ("r_max", "max achieved ratio")
+    ax2.plot(gens, [r[key] for r in logbook], "^-", color="tab:green", label=label)
+    ax2.set_ylabel(label)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best")
+    ax.set_title("fitness by generation")
+    if gens:
+        ax.set_xticks(gens)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""compress -> export -> reload with trust_remote_code in a process where vac is NOT importable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import random_blocks, tiny_model, tiny_tokenizer
+
+from vac.config import make_config
+from vac.export import export
+from vac.families import supported
+from vac.pipeline import compress_
+
+RELOAD = textwrap.dedent("""
+    import sys
+
+    class BlockVac:  # make `import vac` fail however it is installed (editable finder included)
+        def find_spec(self, name, path=None, target=None):
+            if name == "vac" or name.startswith("vac."):
+                raise ImportError("vac is blocked in this process")
+
+    sys.meta_path.insert(0, BlockVac())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory, ids_path, out_path = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.load(ids_path, weights_only=True)
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, out_path)
+    assert "vac" not in sys.modules
+    print(type(model).__name__)
+""")
+
+
+def reload_without_vac(directory, ids, tmp_path) -> torch.Tensor:
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, str(script), str(directory), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], cwd=tmp_path, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("family", ["olmo3", "olmo2", "llama", "qwen2", "qwen3", "mistral"])
+def test_roundtrip_every_family(family, tmp_path):
+    assert family in supported()
+    model = tiny_model(family)
+    calib = random_blocks(8, 32)
+    cfg = make_config(dict(method="whiten", ratio=1.5, order="front-to-back", batch_size=4))
+    result = compress_(model, cfg, calib, progress=False)
+    assert result.linear_ratio >= 1.5
+    out = export(model, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks},
+                 verify_ids=calib[:1])
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["auto_map"]["AutoModelForCausalLM"] == "modeling_vac.VacForCausalLM"
+    assert (out / "modeling_vac.py").is_file() and list(out.glob("*.safetensors"))
+    ids = random_blocks(2, 16, seed=1)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    got = reload_without_vac(out, ids, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_export_is_atomic_on_failure(tmp_path):
+    model = tiny_model()
+    cfg = make_config(dict(method="svd", ratio=1.5))
+    result = compress_(model, cfg, random_blocks(4, 16), progress=False)
+
+    def boom(tmp):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        export(model, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks}, write_extras=boom)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either

@@ -1,0 +1,125 @@
+"""``python -m vac.compress``: the whole default pipeline, as a thin shell over library calls.
+
+load -> data -> compress_ -> evaluate -> report -> export. Every stage is a plain function; this
+module only wires them, times them and prints the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vac.config import CompressConfig, config_from_args
+from vac.errors import VacError
+
+log = logging.getLogger("vac")
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+def load_data(cfg: CompressConfig, tokenizer):
+    """Calibration and evaluation blocks; the same source is split by document, never shared."""
+    from vac.data import token_blocks
+
+    shared = cfg.calib_data == cfg.eval_data
+    calib = token_blocks(cfg.calib_data, tokenizer, cfg.calib_samples, cfg.seq_len, split="calib",
+                         shared=shared, seed=cfg.seed)
+    evaluation = None
+    if cfg.evaluate:
+        evaluation = token_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
+                                  shared=shared, seed=cfg.seed)
+    return calib, evaluation
+
+
+def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
+    """Run the pipeline for a validated config; returns the report (also written to --out)."""
+    from rich.console import Console
+
+    from vac.evaluate import compare
+    from vac.export import check_out_dir, export
+    from vac.families import get_family
+    from vac.models import load, resolve_device
+    from vac.pipeline import compress_, param_count
+    from vac.report import build_report, print_summary, write_report
+
+    console = console or Console(stderr=True)
+    if cfg.out:
+        check_out_dir(cfg.out, cfg.overwrite)  # fail before minutes of work, not after
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    with timer("load"):
+        loaded = load(cfg.model, cfg.dtype, str(device))
+    model, tok = loaded.model, loaded.tokenizer
+    family = get_family(model).model_type
+    with timer("data"):
+        calib, eval_blocks = load_data(cfg, tok)
+    console.print(f"[bold]VAC[/bold] {loaded.base_model} ({family}) -> ratio {cfg.ratio} with {cfg.method}; "
+                  f"calibration {tuple(calib.shape)}, evaluation {None if eval_blocks is None else tuple(eval_blocks.shape)}")
+    console.print({k: v for k, v in cfg.to_dict().items()})
+    dense_params = param_count(model)
+    dense = copy.deepcopy(model) if cfg.evaluate else None
+
+    with timer("compress"):
+        result = compress_(model, cfg, calib, progress=progress)
+    evaluation: dict = {}
+    if cfg.evaluate:
+        with timer("evaluate"):
+            evaluation = {"data": cfg.eval_data, "split": "eval", "seq_len": cfg.seq_len,
+                          **compare({"compressed": model}, eval_blocks, reference=dense, progress=progress)}
+            evaluation["tokens"] = evaluation["dense"]["tokens"]
+    timings = {**{f"compress/{k}": v for k, v in result.timings.items()}, **timer.stages}
+    report = build_report(cfg=cfg, loaded=loaded, family=family, result=result, dense_model_params=dense_params,
+                          compressed_model_params=param_count(model), evaluation=evaluation, timings=timings)
+    if cfg.out:
+        t0 = time.perf_counter()
+        vac_meta = {"version": report["vac_version"], "ranks": result.ranks, "base_model": loaded.base_model,
+                    "method": cfg.method, "ratio": cfg.ratio}
+
+        def extras(tmp: Path) -> None:
+            report["timings_s"]["export"] = time.perf_counter() - t0
+            write_report(tmp, report, result)
+
+        out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
+                     verify_ids=calib[:1, :64])
+        console.print(f"wrote {out}")
+    print_summary(report, console)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = config_from_args(argv)
+        torch.manual_seed(cfg.seed)
+        run(cfg)
+    except VacError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

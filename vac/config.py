@@ -1,0 +1,188 @@
+"""The typed configuration of a compression run; its fields are the CLI.
+
+``CompressConfig`` is loaded from YAML (``configs/*.yaml``), overridden from the command line,
+validated, and then carried through the pipeline and written into ``report.json``. Each field's
+help text (in its metadata) becomes ``--help``; unknown YAML keys are rejected so presets never
+rot silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vac.errors import VacError
+
+ORDERS = ("one-shot", "front-to-back", "back-to-front", "middle-out")
+GRANULARITIES = ("layer", "matrix")
+OBJECTIVES = ("dense-target", "compressed-input")
+ALLOCATIONS = ("uniform", "knapsack")
+QUANTIZATIONS = ("none", "int8", "w4")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CompressConfig:
+    # --- what to compress -------------------------------------------------------------------
+    model: str = _f("smollm2-135m", "HF hub id, local directory (safetensors), .gguf file, or "
+                    "'smollm2-135m' (the bundled SmolLM2-135M-Instruct)")
+    ratio: float = _f(1.8, "target compression ratio over the target linear layers "
+                      "(dense params / compressed params, > 1)")
+    # --- how ----------------------------------------------------------------------------------
+    method: str = _f("kfac", "factorization method: svd | whiten | fisher | kfac (see vac/methods.py)")
+    fisher_exponent: float = _f(1 / 3, "exponent e on the row/column Fisher means (method fisher)")
+    kfac_out_exponent: float = _f(0.25, "output-side exponent a on G (method kfac); 0 = whitening")
+    kfac_in_exponent: float = _f(0.5, "input-side exponent b on C (method kfac); 0.5 = whitening")
+    damp: float = _f(1e-2, "relative damping of covariances: C + damp * mean(diag C) * I")
+    order: Any = _f("one-shot", "order of sequential compression: one-shot | front-to-back | "
+                    "back-to-front | middle-out | a list of layer indices")
+    granularity: str = _f("layer", "unit of sequential compression: layer | matrix")
+    objective: str = _f("dense-target", "closed-loop objective in sequential mode: dense-target "
+                        "(fit dense outputs from compressed inputs) | compressed-input (fit W X~)")
+    allocation: str = _f("uniform", "rank allocation: uniform (same ratio per matrix) | knapsack")
+    multipliers: dict = _f({}, "per-component or per-kind budget multipliers for knapsack, e.g. "
+                           "{attention: 1.2, mlp: 0.9}")
+    keep_dense: list = _f([], "decoder layer indices whose linears stay dense")
+    compress_all: bool = _f(False, "knapsack: every target must be factorized (no 'keep dense' option)")
+    rank_grid: int = _f(8, "knapsack ranks are multiples of this (use the quantization group size)")
+    # --- data -----------------------------------------------------------------------------------
+    calib_data: str = _f("bundled", "calibration text: 'bundled' (offline English prose), an HF dataset "
+                         "id, a .txt/.jsonl/.parquet file, or a folder of those")
+    eval_data: str = _f("bundled", "evaluation text (held-out documents when the same source as calibration)")
+    calib_samples: int = _f(64, "number of calibration sequences")
+    eval_samples: int = _f(32, "number of evaluation sequences")
+    fisher_samples: int = _f(8, "calibration sequences used for gradient statistics (fisher, kfac)")
+    seq_len: int = _f(256, "tokens per sequence")
+    batch_size: int = _f(8, "sequences per forward pass")
+    seed: int = _f(0, "random seed (data sampling)")
+    # --- after factorization ----------------------------------------------------------------------
+    recover_steps: int = _f(0, "knowledge-distillation steps after compression (0 = none)")
+    quantize: str = _f("none", "quantize the factors: none | int8 | w4")
+    group_size: int = _f(128, "w4 group size along the input dimension (32, 64 or 128)")
+    # --- runtime / output -------------------------------------------------------------------------
+    device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
+    dtype: str = _f("float32", "model dtype for compression: float32 | bfloat16 | float16")
+    out: str | None = _f(None, "output directory for the compressed checkpoint (omit to only evaluate)")
+    overwrite: bool = _f(False, "allow writing into a non-empty --out")
+    evaluate: bool = _f(True, "evaluate dense and compressed models on the evaluation split")
+
+    def validate(self) -> "CompressConfig":
+        r = self.ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or math.isinf(r) or r <= 1:
+            raise VacError(f"--ratio must be a finite number > 1 (dense/compressed size), got {r!r}; "
+                           "e.g. --ratio 1.8")
+        from vac.methods import METHODS  # late: methods import factorize/torch
+
+        if self.method not in METHODS:
+            raise VacError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.order, str):
+            if self.order not in ORDERS:
+                raise VacError(f"unknown --order {self.order!r}; choose one of {', '.join(ORDERS)} "
+                               "or give a list of layer indices")
+        elif not (isinstance(self.order, list) and all(isinstance(i, int) for i in self.order)):
+            raise VacError(f"--order must be a name or a list of layer indices, got {self.order!r}")
+        for name, allowed in (("granularity", GRANULARITIES), ("objective", OBJECTIVES),
+                              ("allocation", ALLOCATIONS), ("quantize", QUANTIZATIONS)):
+            if getattr(self, name) not in allowed:
+                raise VacError(f"unknown --{name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("calib_samples", "eval_samples", "seq_len", "batch_size", "fisher_samples", "rank_grid"):
+            if int(getattr(self, name)) < 1:
+                raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.quantize == "w4" and self.group_size not in (32, 64, 128):
+            raise VacError(f"--group-size must be 32, 64 or 128 for w4, got {self.group_size}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise VacError(f"unknown --dtype {self.dtype!r}; choose float32, bfloat16 or float16")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise VacError(f"config file {p} does not exist; see configs/ for the shipped presets")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VacError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise VacError(f"config file {p} must hold a mapping of option: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise VacError(f"config file {p} has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    return data
+
+
+def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Compress a causal LM by loss-aware low-rank factorization of its linear layers.")
+    parser.add_argument("--config", help="YAML file of options (configs/*.yaml); command-line options override it")
+    for f in dataclasses.fields(CompressConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = dict(dest=f.name, help=f.metadata["help"], default=argparse.SUPPRESS)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.name == "order":
+            kwargs["type"] = _parse_order
+        elif isinstance(default, (list, dict)):
+            kwargs["type"] = _parse_yaml_value
+        elif isinstance(default, float):
+            kwargs["type"] = float
+        elif isinstance(default, int):
+            kwargs["type"] = int
+        kwargs["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _parse_order(text: str):
+    if "," in text or text.strip().startswith("["):
+        return [int(t) for t in text.strip("[] ").split(",") if t.strip()]
+    return text
+
+
+def _parse_yaml_value(text: str):
+    return yaml.safe_load(text)
+
+
+def config_from_args(argv: list[str] | None = None, prog: str = "python -m vac.compress") -> CompressConfig:
+    args = vars(build_parser(prog).parse_args(argv))
+    values = load_yaml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)  # the command line wins over the YAML file
+    return make_config(values)
+
+
+def make_config(values: dict) -> CompressConfig:
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise VacError(f"unknown options {unknown}; valid: {', '.join(sorted(known))}")
+    cfg = CompressConfig(**values)
+    if isinstance(cfg.ratio, str):
+        try:
+            cfg.ratio = float(cfg.ratio)
+        except ValueError:
+            raise VacError(f"--ratio must be a number > 1, got {cfg.ratio!r}") from None
+    return cfg.validate()
+
+
+__all__ = ["CompressConfig", "build_parser", "config_from_args", "make_config", "load_yaml",
+           "ORDERS", "GRANULARITIES", "OBJECTIVES", "ALLOCATIONS"]

@@ -1,0 +1,274 @@
+"""Pure tensor maths of low-rank factorization: weighted SVDs and rank formulas.
+
+No hooks, no models: every function takes matrices and returns matrices, so each method is
+tested on hand-built tensors in milliseconds.
+
+Convention: W is m x n (out x in), y = W x. A factorization returns ``up`` (m x r) and
+``down`` (r x n) with W ~= up @ down, the singular values split evenly between the two
+(sqrt(S) on each side) so that both factors have similar scales, which helps both
+fine-tuning and quantization.
+
+Every loss-aware method is an instance of one weighted SVD: choose a left weight Lo (m x m)
+and a right weight Li (n x n), take the truncated SVD of A = Lo W Li, and unweight:
+W' = Lo^-1 [A]_r Li^-1. The discarded squared singular values of A are the weighted error
+||Lo (W - W') Li||_F^2, so one decomposition gives the predicted loss of every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: default relative damping added to covariance diagonals: C + damp * mean(diag C) * I.
+#: Calibration covariances of LLM activations are rank-deficient (few tokens, outlier
+#: dimensions); without damping their inverse square roots blow up on null directions.
+DEFAULT_DAMP = 1e-2
+
+
+@dataclass
+class Factorization:
+    up: torch.Tensor  # m x r
+    down: torch.Tensor  # r x n
+    #: all singular values of the weighted matrix, descending (for rank/loss curves)
+    spectrum: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float64 on CPU (cheap, and the inverse square roots need it); float32 on accelerators."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def check_rank(rank: int, m: int, n: int) -> None:
+    if not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be an integer in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank!r}")
+
+
+def uniform_rank(m: int, n: int, ratio: float) -> int:
+    """Largest rank whose factorization is at least ``ratio`` times smaller than m*n."""
+    return int((m * n) // (ratio * (m + n)))
+
+
+def tail_energy(spectrum: torch.Tensor) -> torch.Tensor:
+    """tail[r] = sum_{k >= r} sigma_k^2 for r = 0..len: the weighted error of keeping rank r."""
+    s2 = spectrum.double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def damped(C: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """C + damp * mean(diag C) * I (symmetrised)."""
+    C = 0.5 * (C + C.T)
+    scale = torch.diagonal(C).mean().clamp_min(torch.finfo(C.dtype).tiny)
+    return C + damp * scale * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def psd_power(C: torch.Tensor, power: float, eps: float = 1e-12) -> torch.Tensor:
+    """C^power for a symmetric positive semi-definite C, by eigendecomposition.
+
+    Eigenvalues below eps * max are clamped so negative powers stay finite.
+    """
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))
+    evals = evals.clamp_min(evals.max().clamp_min(0) * eps + torch.finfo(C.dtype).tiny)
+    return (evecs * evals.pow(power)) @ evecs.T
+
+
+def sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square root L of C (C = L L^T) and its inverse: Cholesky, or eigen-root when C is not PD."""
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) == 0:
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+        if torch.isfinite(L_inv).all():
+            return L, L_inv
+    return psd_power(C, 0.5), psd_power(C, -0.5)
+
+
+def weighted_svd(W: torch.Tensor, rank: int, *,
+                 left: torch.Tensor | None = None, left_inv: torch.Tensor | None = None,
+                 right: torch.Tensor | None = None, right_inv: torch.Tensor | None = None) -> Factorization:
+    """Truncated SVD of Lo W Li, unweighted back: up = Lo^-1 U_r S_r^1/2, down = S_r^1/2 V_r^T Li^-1.
+
+    ``left``/``right`` may be 1-D (diagonal weights) or 2-D matrices; omitted means identity.
+    """
+    m, n = W.shape
+    check_rank(rank, m, n)
+    dtype = compute_dtype(W.device)
+    A = W.to(dtype)
+    if left is not None:
+        A = left.to(dtype)[:, None] * A if left.dim() == 1 else left.to(dtype) @ A
+    if right is not None:
+        A = A * right.to(dtype)[None, :] if right.dim() == 1 else A @ right.to(dtype)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    root = S[:rank].sqrt()
+    up = U[:, :rank] * root[None, :]
+    down = root[:, None] * Vh[:rank]
+    if left is not None:
+        inv = left_inv if left_inv is not None else (1.0 / left if left.dim() == 1 else torch.linalg.inv(left.to(dtype)))
+        up = inv.to(dtype)[:, None] * up if inv.dim() == 1 else inv.to(dtype) @ up
+    if right is not None:
+        inv = right_inv if right_inv is not None else (1.0 / right if right.dim() == 1 else torch.linalg.inv(right.to(dtype)))
+        down = down * inv.to(dtype)[None, :] if inv.dim() == 1 else down @ inv.to(dtype)
+    return Factorization(up=up.to(W.dtype), down=down.to(W.dtype), spectrum=S.to(torch.float32))
+
+
+def svd_factorize(W: torch.Tensor, rank: int) -> Factorization:
+    """Plain truncated SVD: best rank-r approximation in Frobenius norm (F ~= I)."""
+    return weighted_svd(W, rank)
+
+
+def whitened_factorize(W: torch.Tensor, C: torch.Tensor, rank: int, damp: float = DEFAULT_DAMP) -> Factorization:
+    """Activation-whitened SVD (SVD-LLM's truncation-aware whitening).
+
+    C = sum x x^T over calibration tokens (n x n). With C = L L^T, the SVD of W L discards
+    singular values whose squares sum to exactly the output error ||(W - W') X||_F^2
+    (up to damping), so truncation is optimal for the outputs the layer really produces.
+    """
+    L, L_inv = sqrt_and_inverse(damped(C.to(compute_dtype(W.device)), damp))
+    return weighted_svd(W, rank, right=L, right_inv=L_inv)
+
+
+def _side_weight(M: torch.Tensor | None, exponent: float, damp: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(M^e, M^-e) of a damped second-moment matrix, or (None, None) for the identity.
+
+    A 1-D ``M`` is a diagonal (a separable per-channel scaling), damped the same way as a
+    full matrix so that ``M`` and ``torch.diag(M)`` give the same weights.
+    """
+    if M is None or exponent == 0:
+        return None, None
+    M = M.to(dtype)
+    if M.dim() == 1:
+        d = M.clamp_min(0)
+        d = d + damp * d.mean().clamp_min(torch.finfo(dtype).tiny)
+        # same floor as psd_power, so that a zero channel stays invertible without damping
+        d = d.clamp_min(d.max() * 1e-12 + torch.finfo(dtype).tiny)
+        return d.pow(exponent), d.pow(-exponent)
+    Md = damped(M, damp)
+    return psd_power(Md, exponent), psd_power(Md, -exponent)
+
+
+def fisher_scales(F: torch.Tensor, exponent: float = 1 / 3,
+                  clamp: tuple[float, float] = (0.05, 20.0)) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row and column scales (a, b) of the separable diagonal-Fisher approximation F_ij ~ a_i b_j.
+
+    Returns None when F carries no information (all zero or not finite).
+    """
+    F = F.to(compute_dtype(F.device)).clamp_min(0)  # squared gradients: negatives are noise
+    if not torch.isfinite(F).all() or F.sum() <= 0:
+        return None
+    scales = []
+    for s in (F.mean(dim=1), F.mean(dim=0)):
+        s = s.pow(exponent)
+        # Normalising to mean 1 makes the exponent, not the Fisher's overall magnitude (which
+        # depends on the loss scale and token count), decide the strength; the clamp keeps one
+        # dead or outlier channel from dominating the SVD or making the unscale blow up.
+        s = (s / s.mean()).clamp(*clamp)
+        scales.append(s)
+    return scales[0], scales[1]
+
+
+def fisher_factorize(W: torch.Tensor, F: torch.Tensor, rank: int, exponent: float = 1 / 3,
+                     clamp: tuple[float, float] = (0.05, 20.0)) -> Factorization:
+    """The seed's separable diagonal-Fisher weighted SVD.
+
+    F (m x n) is the diagonal empirical Fisher of W, mean over sequences of (dL/dW_ij)^2.
+    Approximating F_ij ~ a_i b_j with a = row means, b = column means makes the quadratic loss
+    sum_ij F_ij dW_ij^2 a weighted Frobenius norm that one SVD minimises: SVD of
+    diag(a^e) W diag(b^e), then unscale. e = 1/2 is the exact square root of the separable
+    approximation; the seed found the gentler e = 1/3 better, because the separable fit and
+    the empirical Fisher are both noisy and a full-strength weighting over-trusts them.
+    An all-zero Fisher (no gradient reached this layer) falls back to plain SVD.
+    """
+    check_rank(rank, *W.shape)
+    scales = fisher_scales(F, exponent, clamp)
+    if scales is None:
+        return svd_factorize(W, rank)
+    a, b = scales
+    return weighted_svd(W, rank, left=a, left_inv=1.0 / a, right=b, right_inv=1.0 / b)
+
+
+def kfac_factorize(W: torch.Tensor, C: torch.Tensor, G: torch.Tensor | None, rank: int,
+                   out_exponent: float = 0.25, in_exponent: float = 0.5,
+                   damp: float = DEFAULT_DAMP) -> Factorization:
+    """Two-sided K-FAC weighted SVD: SVD of G^a W C^b, unscaled with G^-a and C^-b.
+
+    C = sum x x^T over input tokens (n x n), G = sum g g^T over output gradients (m x m);
+    F ~= G (x) C makes vec(dW)^T F vec(dW) = ||G^1/2 dW C^1/2||_F^2, so a = b = 1/2 is the
+    K-FAC-exact weighting. The seed found a gentler output exponent (a = 1/4) better: G from
+    a small calibration set is noisy, and whitening (a = 0) ignores it entirely.
+
+    Special cases: ``G=None`` or a = 0 leaves the output side unweighted; with a = 0, b = 1/2
+    this is whitening (``whitened_factorize``) up to the choice of square root: here the
+    symmetric root C^1/2, there the Cholesky factor L = C^1/2 Q with Q orthogonal, so the
+    factors differ by Q but the product up @ down and the spectrum are the same.
+    1-D ``C``/``G`` are diagonals; with both diagonal this is a separable diagonal scaling,
+    the same family as ``fisher_factorize``. Powers are by eigendecomposition of the damped
+    matrices (both sides damped with the same relative ``damp``).
+    """
+    m, n = W.shape
+    check_rank(rank, m, n)
+    dtype = compute_dtype(W.device)
+    if G is not None and G.shape[0] != m:
+        raise ValueError(f"G has size {G.shape[0]} but W has {m} output features")
+    if C.shape[0] != n:
+        raise ValueError(f"C has size {C.shape[0]} but W has {n} input features")
+    left, left_inv = _side_weight(G, out_exponent, damp, dtype)
+    right, right_inv = _side_weight(C, in_exponent, damp, dtype)
+    return weighted_svd(W, rank, left=left, left_inv=left_inv, right=right, right_inv=right_inv)
+
+
+def dense_target_factorize(W: torch.Tensor, C_tilde: torch.Tensor, C_cross: torch.Tensor, rank: int,
+                           G: torch.Tensor | None = None, out_exponent: float = 0.0,
+                           damp: float = DEFAULT_DAMP) -> Factorization:
+    """Closed-loop fit of the *dense* outputs from the compressed inputs: min ||W X - W' X~||_F.
+
+    X (n x T) are the dense model's inputs to this layer, X~ the partly compressed model's
+    inputs on the same tokens; ``C_tilde`` = X~ X~^T, ``C_cross`` = X X~^T (both n x n).
+    The unconstrained least-squares solution is W* = W C_cross C_tilde^-1, and since the
+    residual W X - W* X~ is orthogonal to the row space of X~,
+        ||W X - W' X~||^2 = ||W X - W* X~||^2 + ||(W* - W') X~||^2,
+    so with C_tilde = L L^T the best rank-r W' is [W* L]_r L^-1: whitening applied to W*.
+    This lets the layer undo the error its compressed predecessors introduced, rather than
+    reproduce it (fitting W X~ alone, ``whitened_factorize(W, C_tilde)``, does the latter).
+
+    Damping adds lambda = damp * mean(diag C_tilde) to the diagonal of *both* C_tilde and
+    C_cross: the same as appending sqrt(lambda) * I as extra tokens to X and X~ alike. The ridge
+    therefore pulls W* towards W (not towards 0) on directions the calibration data does not
+    cover, and with X~ == X it gives W* = W exactly, so this reduces to ``whitened_factorize``.
+
+    ``spectrum`` is that of (G^a) W* L: its tail is the error *above* the rank-independent
+    floor ||W X - W* X~||^2, fine for ranking ranks of one matrix. ``G``/``out_exponent``
+    add an optional output-side weight as in ``kfac_factorize`` (default off).
+    """
+    m, n = W.shape
+    check_rank(rank, m, n)
+    if C_tilde.shape != (n, n) or C_cross.shape != (n, n):
+        raise ValueError(f"C_tilde and C_cross must be {n}x{n}, got {tuple(C_tilde.shape)} and {tuple(C_cross.shape)}")
+    dtype = compute_dtype(W.device)
+    Wd = W.to(dtype)
+    C_tilde = 0.5 * (C_tilde.to(dtype) + C_tilde.to(dtype).T)
+    lam = damp * torch.diagonal(C_tilde).mean().clamp_min(torch.finfo(dtype).tiny)
+    eye = torch.eye(n, dtype=dtype, device=W.device)
+    Ct = C_tilde + lam * eye
+    Cx = C_cross.to(dtype) + lam * eye
+    # W* Ct = W Cx  <=>  Ct W*^T = Cx^T W^T (Ct symmetric): a solve, no explicit inverse.
+    W_star = torch.linalg.solve(Ct, Cx.T @ Wd.T).T
+    L, L_inv = sqrt_and_inverse(Ct)
+    left, left_inv = _side_weight(G, out_exponent, damp, dtype)
+    f = weighted_svd(W_star, rank, left=left, left_inv=left_inv, right=L, right_inv=L_inv)
+    return Factorization(up=f.up.to(W.dtype), down=f.down.to(W.dtype), spectrum=f.spectrum)
+
+
+def output_error(W: torch.Tensor, up: torch.Tensor, down: torch.Tensor, X: torch.Tensor,
+                 X_tilde: torch.Tensor | None = None) -> float:
+    """||W X - up down X~||_F^2 (X~ = X by default: ||(W - up down) X||_F^2); X is n x T."""
+    dtype = compute_dtype(W.device)
+    X = X.to(dtype)
+    Xt = X if X_tilde is None else X_tilde.to(dtype)
+    R = W.to(dtype) @ X - up.to(dtype) @ (down.to(dtype) @ Xt)
+    return float((R * R).sum())

@@ -1,0 +1,103 @@
+"""Model families as data.
+
+One table keyed by ``config.model_type`` says which linears of each decoder layer are
+compression targets, which of them are attention and which MLP, and what is never
+factorized. Target discovery, allocation multipliers, learning-rate groups and the exported
+modeling code all read from here; nothing in VAC matches on module-name substrings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vac.errors import VacError
+
+ATTENTION = "attention"
+MLP = "mlp"
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    #: dotted path from the *ForCausalLM to the ModuleList of decoder layers
+    layers_path: str = "model.layers"
+    #: target linears inside one decoder layer, by component
+    attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    #: never factorized (documented here, and checked: none of these may be a target)
+    never: tuple[str, ...] = ("model.embed_tokens", "lm_head", "norm", "q_norm", "k_norm")
+
+    def components(self) -> dict[str, str]:
+        """Sub-module path inside a decoder layer -> component name."""
+        return {**{p: ATTENTION for p in self.attention}, **{p: MLP for p in self.mlp}}
+
+
+_LLAMA_LIKE = dict(layers_path="model.layers")
+
+FAMILIES: dict[str, Family] = {
+    name: Family(model_type=name, **_LLAMA_LIKE)
+    for name in ("olmo3", "olmo2", "olmo", "llama", "qwen2", "qwen3", "mistral")
+}
+
+
+def supported() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def get_family(model_or_config) -> Family:
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise VacError(
+            f"model family {model_type!r} is not supported; supported families: {', '.join(supported())}. "
+            "Add an entry to vac/families.py:FAMILIES if its decoder layers use the same linear names.")
+    return FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One compressible linear: its full module name, decoder layer, component and kind."""
+
+    name: str  # e.g. "model.layers.3.self_attn.q_proj"
+    layer: int
+    component: str  # ATTENTION or MLP
+    kind: str  # e.g. "q_proj"
+    out_features: int
+    in_features: int
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    family = get_family(model)
+    return model.get_submodule(family.layers_path)
+
+
+def find_targets(model: nn.Module) -> list[Target]:
+    """All target linears in layer order, then in the family's declared order within a layer."""
+    family = get_family(model)
+    layers = decoder_layers(model)
+    targets: list[Target] = []
+    for i, layer in enumerate(layers):
+        for sub, component in family.components().items():
+            try:
+                module = layer.get_submodule(sub)
+            except AttributeError as e:
+                raise VacError(f"{family.model_type}: decoder layer {i} has no {sub!r}; the family table in "
+                               "vac/families.py does not match this model") from e
+            w = _weight_of(module)
+            targets.append(Target(name=f"{family.layers_path}.{i}.{sub}", layer=i, component=component,
+                                  kind=sub.rsplit(".", 1)[-1], out_features=w[0], in_features=w[1]))
+    return targets
+
+
+def _weight_of(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):  # FactorizedLinear
+        return module.out_features, module.in_features
+    raise VacError(f"target {type(module).__name__} is not a linear layer")

@@ -1,0 +1,230 @@
+"""Sequential application of a method in an order: the ``compress_`` entry point.
+
+    stats (gradients, once) -> ranks (uniform or knapsack) -> for each layer in order:
+        inputs the layer will see -> statistics -> weighted SVD -> FactorizedLinear in place
+
+Gradient statistics (G for kfac, diagonal Fisher for fisher) come from the dense model, once:
+recomputing them after each step would cost a full backward pass per layer, while the input
+statistics, which the closed-loop objectives depend on, are recomputed from cached hidden states
+at the cost of one decoder layer per step (see vac/sequential.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vac import factorize as fz
+from vac.config import CompressConfig
+from vac.errors import VacError
+from vac.families import ATTENTION, Target, decoder_layers, find_targets, get_family
+from vac.layers import FactorizedLinear, factorized_params
+from vac.methods import METHODS, TargetStats
+from vac.plan import layer_order, uniform_ranks
+from vac.sequential import LayerRunner, PairedInputStats
+from vac.stats import collect_gradient_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionResult:
+    ranks: dict[str, int | None]  # None: kept dense
+    targets: list[Target]
+    timings: dict[str, float] = field(default_factory=dict)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted spectra, for plots
+    allocation: dict = field(default_factory=dict)
+
+    @property
+    def dense_target_params(self) -> int:
+        return sum(t.dense_params for t in self.targets)
+
+    @property
+    def compressed_target_params(self) -> int:
+        total = 0
+        for t in self.targets:
+            r = self.ranks.get(t.name)
+            total += t.dense_params if r is None else factorized_params(t.out_features, t.in_features, r)
+        return total
+
+    @property
+    def linear_ratio(self) -> float:
+        return self.dense_target_params / self.compressed_target_params
+
+
+def param_count(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_blocks: torch.Tensor | None = None,
+              progress: bool = True) -> CompressionResult:
+    """Factorize ``model``'s target linears in place following ``cfg``; returns ranks and timings."""
+    method = METHODS[cfg.method]
+    family = get_family(model)
+    all_targets = find_targets(model)
+    num_layers = len(decoder_layers(model))
+    bad = [l for l in cfg.keep_dense if not 0 <= l < num_layers]
+    if bad:
+        raise VacError(f"--keep-dense layers {bad} out of range 0..{num_layers - 1}")
+    targets = [t for t in all_targets if t.layer not in set(cfg.keep_dense)]
+    result = CompressionResult(ranks={t.name: None for t in all_targets}, targets=all_targets)
+    modules = {t.name: model.get_submodule(t.name) for t in targets}
+    need_grads = method.needs_output_grads or method.needs_fisher or cfg.allocation == "knapsack"
+    timings = result.timings
+
+    # 1. gradient statistics from the dense model (once)
+    G: dict[str, torch.Tensor] = {}
+    F: dict[str, torch.Tensor] = {}
+    if need_grads:
+        t0 = time.perf_counter()
+        blocks = grad_blocks if grad_blocks is not None else calib[: cfg.fisher_samples]
+        want_g = method.needs_output_grads or cfg.allocation == "knapsack"
+        stats = collect_gradient_stats(model, modules, blocks, output_cov=want_g, fisher=method.needs_fisher,
+                                       progress=progress)
+        G = stats.G
+        F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
+        timings["gradient_stats"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    runner = LayerRunner(model, calib, cfg.batch_size)
+    timings["capture"] = time.perf_counter() - t0
+
+    # 2. ranks
+    t0 = time.perf_counter()
+    budget = result.dense_target_params / cfg.ratio - sum(t.dense_params for t in all_targets if t not in targets)
+    if budget <= 0:
+        raise VacError(f"--keep-dense {cfg.keep_dense} alone exceeds the budget of ratio {cfg.ratio}")
+    if cfg.allocation == "uniform":
+        eff_ratio = sum(t.dense_params for t in targets) / budget
+        result.ranks.update(uniform_ranks(targets, eff_ratio))
+    else:
+        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress))
+    timings["allocation"] = time.perf_counter() - t0
+
+    # 3. factorize in order
+    t0 = time.perf_counter()
+    one_shot = cfg.order == "one-shot"
+    order = layer_order(cfg.order, num_layers)
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        if result.ranks[t.name] is not None:
+            by_layer.setdefault(t.layer, []).append(t)
+    front_to_back = order == sorted(order)
+    steps = [l for l in order if l in by_layer]
+    for l in tqdm(steps, desc=f"factorize ({cfg.method}, {cfg.order})", disable=not progress, unit="layer"):
+        layer_targets = by_layer[l]
+        if one_shot:
+            current, dense, cross = runner.dense_inputs(l), None, False
+        else:
+            current = runner.current_inputs(l)
+            cross = cfg.objective == "dense-target" and any(k < l for k in runner.changed)
+            dense = runner.dense_inputs(l) if cross else None
+        prefix = f"{family.layers_path}.{l}."
+        # one-shot statistics all come from the dense model, so granularity makes no difference there
+        per_matrix = cfg.granularity == "matrix" and not one_shot
+        groups = [[t] for t in layer_targets] if per_matrix else [layer_targets]
+        for group in groups:
+            stats_in = None
+            if method.needs_inputs:
+                if per_matrix:
+                    runner.snapshot_dense(l)
+                # per matrix, earlier matrices of this same layer change the inputs of later ones
+                cross_here = cross or (per_matrix and cfg.objective == "dense-target")
+                stats_in = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in group},
+                                            cross=cross_here)
+                unchanged = one_shot or not any(k < l for k in runner.changed)
+                dense_out = stats_in.collect(current, dense if dense is not None else runner.dense_inputs(l),
+                                             current_is_dense=unchanged and group is groups[0])
+                if group is groups[0]:
+                    runner.offer_dense(l + 1, dense_out)
+            # dense[l+1] must exist before layer l changes: later steps may start from it
+            runner.dense_inputs(l + 1)
+            for t in group:
+                s = TargetStats(G=G.get(t.name), F=F.get(t.name))
+                if stats_in is not None:
+                    s.C = stats_in.C[t.name]
+                    s.C_cross = stats_in.C_cross.get(t.name)
+                _factorize_target(model, t, result.ranks[t.name], s, method, cfg, result)
+        runner.release_dense(l)
+        if not one_shot:
+            runner.mark_changed(l)
+        if front_to_back:
+            runner.drop_dense_below(l)
+    timings["factorize"] = time.perf_counter() - t0
+    _check_plan(result, cfg)
+    return result
+
+
+def _factorize_target(model, t: Target, rank: int, stats: TargetStats, method, cfg, result) -> None:
+    module = model.get_submodule(t.name)
+    W = module.weight.detach()
+    f = method.fit(W, stats, rank, cfg)
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    new = FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)
+    replace_linear(model, t.name, new)
+    result.spectra.setdefault(t.name, f.spectrum.cpu())
+
+
+def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, result, progress) -> dict:
+    """Options per target from the tail of its K-FAC-weighted spectrum, then CP-SAT.
+
+    The predicted loss of rank r is sum_{k>r} sigma_k^2 of G^1/2 W C^1/2: to second order the loss
+    increase of a perturbation under the Kronecker-factored Fisher, so options of different
+    matrices are in the same units and can be traded against each other.
+    """
+    from vac.allocate import Group, allocate, rank_options
+
+    groups = []
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    use_kind = any(k not in (ATTENTION, "mlp") for k in cfg.multipliers)
+    for l in tqdm(sorted(by_layer), desc="spectra for allocation", disable=not progress, unit="layer"):
+        prefix = t_prefix(by_layer[l][0])
+        stats = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in by_layer[l]}, cross=False)
+        stats.collect(runner.dense_inputs(l), None)
+        for t in by_layer[l]:
+            W = runner.layers[l].get_submodule(t.name[len(prefix):]).weight.detach()
+            dtype = fz.compute_dtype(W.device)
+            left = fz.psd_power(fz.damped(G[t.name].to(dtype), cfg.damp), 0.5)
+            right = fz.psd_power(fz.damped(stats.C[t.name].to(dtype), cfg.damp), 0.5)
+            spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
+            tail = fz.tail_energy(spectrum)
+            result.spectra[t.name] = spectrum.float().cpu()
+            opts = rank_options(t.out_features, t.in_features, tail, grid=cfg.rank_grid,
+                                allow_dense=not cfg.compress_all)
+            groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+    dense_by = {}
+    for t in targets:
+        key = t.kind if use_kind else t.component
+        dense_by[key] = dense_by.get(key, 0) + t.dense_params
+    alloc = allocate(groups, int(budget), multipliers=cfg.multipliers or None, dense_by_component=dense_by,
+                     ratio=cfg.ratio, time_limit=30.0)
+    result.allocation = {"status": alloc.status, "gap": alloc.gap, "seconds": alloc.seconds,
+                         "predicted_loss": alloc.total_loss, "budget": alloc.budget}
+    return {name: opt.rank for name, opt in alloc.choices.items()}
+
+
+def t_prefix(t: Target) -> str:
+    """'model.layers.3.' for a target of layer 3."""
+    return t.name[: t.name.index(f".{t.layer}.") + len(f".{t.layer}.")]
+
+
+def _check_plan(result: CompressionResult, cfg: CompressConfig) -> None:
+    """Fail loudly if the plan missed its budget or a rank is out of range."""
+    for t in result.targets:
+        r = result.ranks[t.name]
+        assert r is None or 1 <= r <= min(t.out_features, t.in_features), (t.name, r)
+    achieved = result.linear_ratio
+    assert achieved >= cfg.ratio * (1 - 1e-9), f"achieved ratio {achieved:.4f} below target {cfg.ratio}"

@@ -1,0 +1,266 @@
+"""Pure tensor maths of weight quantisation for the low-rank factors ``up`` and ``down``.
+
+No models, no hooks: every function takes tensors and returns tensors.
+
+Formats (rows = output channels, cols = input dimension of the factor; ``down`` is r x n,
+``up`` is m x r):
+
+* INT8: symmetric per row, ``scale = max|row| / 127``, ``q = round(w / scale)`` in [-127, 127].
+  Stored as ``qweight`` int8 [rows, cols] and ``scales`` [rows].
+* W4: asymmetric 4-bit per group of ``group_size`` consecutive columns (the input dimension):
+  the group's range [min(lo, 0), max(hi, 0)] is cut into 15 steps, ``scale = range / 15``, an
+  integer zero point ``z`` in [0, 15] puts 0.0 exactly on the grid, ``u = round(w / scale) + z``
+  in [0, 15], ``w ~= (u - z) * scale``. Both ``u`` and ``z`` are stored minus 8, i.e. as signed
+  nibbles in [-8, 7] (the offset cancels in u - z), packed two per byte with the low nibble =
+  even column: ``qweight`` uint8 [rows, cols/2], ``scales`` [rows, G] with G = ceil(cols /
+  group_size), ``zeros`` uint8 [rows, ceil(G/2)]. When ``group_size`` does not divide ``cols``
+  the last group is shorter; this is exactly zero-padding the columns to a multiple of the
+  group size (a zero never widens a range that already contains 0) and cropping the padding
+  away, so factorization ranks need not be multiples of the group size. ``cols`` must be even
+  (one byte holds two columns); an odd rank is refused with a clear error.
+
+  Why asymmetric: it uses all 16 levels on the group's actual range instead of 15 levels on
+  [-max|w|, max|w|]. Measured on Gaussian groups and on whitened-SVD factors of a 576x1536
+  matrix, it lowers the relative output error by ~17% at every group size 32/64/128
+  (e.g. 0.142 -> 0.117 at group 128), for 4 bits per group of zero points (+0.03 bit/weight
+  at group 128, +0.125 at group 32); symmetric max/7 at group 32 is worse than asymmetric at
+  group 64 with fewer bytes. llama.cpp's signed-scale Q4_0 trick (no zero point) gains ~10%.
+
+Scales are stored in float16 by default (W4 is then 4.16 bits per weight at group 128 and 4.63
+at group 32, i.e. 26% / 29% of bf16) and are rounded *up* to the storage dtype before the
+integers are computed, so the grid always spans the row/group and every element is within
+scale/2 of its original with the stored scale.
+
+The ``dequantize_*`` and ``unpack_int4`` functions depend on torch only and are meant to be
+copied verbatim into the self-contained exported modeling code.
+
+Error compensation: since W ~= up @ down, the error of quantising ``down`` is partly absorbed
+by refitting ``up`` in closed form on the calibration covariance C = X X^T
+(:func:`refit_up`), then ``up`` is quantised (:func:`quantize_factors`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vac.factorize import DEFAULT_DAMP, compute_dtype, damped
+
+DEFAULT_GROUP_SIZE = 128
+#: float16 scales: half the bytes of float32, and 11 significant bits are far finer than
+#: the 4- or 8-bit grid they scale.
+DEFAULT_SCALE_DTYPE = torch.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantisation (torch only; copy verbatim into exported modeling code)
+# ---------------------------------------------------------------------------------------------
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 [rows, cols] * scales [rows] -> dtype [rows, cols]."""
+    return (qweight.float() * scales.float()[:, None]).to(dtype)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., c] -> int8 [..., 2c] in [-8, 7]; the low nibble is the even column."""
+    low = (packed & 0x0F).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    q = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return (q ^ 8) - 8  # sign-extend a 4-bit two's-complement value
+
+
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed uint8 [rows, cols/2], scales [rows, G], packed zeros uint8 [rows, ceil(G/2)] -> dtype [rows, cols].
+
+    w = (q - z) * scale per group of ``group_size`` columns; the last group may be shorter.
+    """
+    q = unpack_int4(qweight).float()
+    n_groups, cols = scales.shape[1], q.shape[1]
+    z = unpack_int4(zeros)[:, :n_groups].float()
+    z = z.repeat_interleave(group_size, dim=1)[:, :cols]
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :cols]
+    return ((q - z) * s).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantisation
+# ---------------------------------------------------------------------------------------------
+
+def _store_scales(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 scales to ``dtype`` rounding up, so |w| / stored_scale never exceeds qmax.
+
+    All-zero rows/groups get scale 1 (any positive value would do: their integers are 0).
+    """
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored = scale.to(dtype)
+    too_small = stored.float() < scale
+    if too_small.any():
+        stored = torch.where(too_small, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"weights too large for {dtype} scales (max scale {float(scale.max()):.3g}); "
+                         f"use scale_dtype=torch.float32")
+    return stored
+
+
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE) -> dict[str, torch.Tensor]:
+    """Symmetric per-row INT8: {"qweight": int8 [rows, cols], "scales": scale_dtype [rows]}."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    w = w.float()
+    scales = _store_scales(w.abs().amax(dim=1) / 127.0, scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"qweight": q, "scales": scales}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int [..., 2c] with values in [-8, 7] -> uint8 [..., c]; the low nibble is the even column."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of columns ({q.shape[-1]}) two per byte")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError(f"4-bit values must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
+    nibbles = (q.to(torch.int16) & 0x0F).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (typically 32, 64 or 128), got {group_size!r}")
+
+
+def quantize_w4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE) -> dict[str, torch.Tensor]:
+    """Asymmetric 4-bit, one scale and zero point per ``group_size`` columns of each row, packed.
+
+    Returns {"qweight": uint8 [rows, cols/2], "scales": scale_dtype [rows, G],
+    "zeros": uint8 [rows, ceil(G/2)]} with G = ceil(cols / group_size); see the module docstring.
+    """
+    check_group_size(group_size)
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = w.shape
+    if cols % 2:
+        raise ValueError(f"4-bit packing stores two columns per byte, so the number of columns must be even; "
+                         f"got {cols} (for the up factor: choose an even rank, or use int8)")
+    n_groups = -(-cols // group_size)
+    w = w.float()
+    # zero padding never changes a group's range, since the range always includes 0
+    grouped = torch.nn.functional.pad(w, (0, n_groups * group_size - cols)).reshape(rows, n_groups, group_size)
+    lo = grouped.amin(dim=2).clamp_max(0)
+    hi = grouped.amax(dim=2).clamp_min(0)
+    scales = _store_scales((hi - lo) / 15.0, scale_dtype)  # rounded up: (hi - lo) / scale <= 15
+    s = scales.float()
+    zeros = torch.round(-lo / s).clamp(0, 15)
+    # with z = round(-lo/s), w/s + z lies in [-0.5, 15.5]: clamping costs at most scale/2
+    u = torch.round(w / s.repeat_interleave(group_size, dim=1)[:, :cols])
+    u = (u + zeros.repeat_interleave(group_size, dim=1)[:, :cols]).clamp(0, 15)
+    z_pad = torch.nn.functional.pad(zeros, (0, n_groups % 2))  # zeros pack two per byte too
+    return {"qweight": pack_int4(u - 8), "scales": scales, "zeros": pack_int4(z_pad - 8)}
+
+
+def quantize(w: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE,
+             scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE) -> dict[str, torch.Tensor]:
+    """Dispatch on ``method`` ("int8" | "w4")."""
+    if method == "int8":
+        return quantize_int8(w, scale_dtype)
+    if method == "w4":
+        return quantize_w4(w, group_size, scale_dtype)
+    raise ValueError(f"unknown quantisation method {method!r}; expected 'int8' or 'w4'")
+
+
+def dequantize(d: dict[str, torch.Tensor], method: str, group_size: int = DEFAULT_GROUP_SIZE,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if method == "int8":
+        return dequantize_int8(d["qweight"], d["scales"], dtype)
+    if method == "w4":
+        return dequantize_w4(d["qweight"], d["scales"], d["zeros"], group_size, dtype)
+    raise ValueError(f"unknown quantisation method {method!r}; expected 'int8' or 'w4'")
+
+
+def packed_nbytes(d: dict) -> int:
+    """Bytes of every tensor in ``d`` (nested dicts included, other values ignored)."""
+    total = 0
+    for v in d.values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            total += packed_nbytes(v)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Error compensation
+# ---------------------------------------------------------------------------------------------
+
+def _solve_psd(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """G^-1 B for symmetric PSD G: Cholesky, or the pseudo-inverse when G is singular."""
+    G = 0.5 * (G + G.T)
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        X = torch.cholesky_solve(B, L)
+        if torch.isfinite(X).all():
+            return X
+    return torch.linalg.pinv(G, hermitian=True) @ B
+
+
+def refit_up(W: torch.Tensor, down_q: torch.Tensor, C: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """The ``up`` (m x r) minimising ||(W - up down_q) X||_F^2 for C = X X^T, in closed form.
+
+    Setting the gradient (W - up D) C D^T to zero gives up = W C D^T (D C D^T)^-1.
+    C is damped as everywhere in VAC (C + damp * mean(diag C) * I, see ``factorize.damped``)
+    rather than D C D^T: this is the same least squares with a little isotropic input added,
+    so on directions the calibration never excited the refit falls back to matching W in
+    Frobenius norm instead of shrinking ``up`` towards zero (which plain ridge on D C D^T does,
+    and which hurts the weak rank directions whose D C D^T diagonal is small).
+    Computed in float64 on CPU; returned in W's dtype.
+    """
+    dtype = compute_dtype(W.device)
+    Wd, D = W.to(dtype), down_q.to(dtype)
+    Cd = damped(C.to(device=W.device, dtype=dtype), damp) if damp else C.to(device=W.device, dtype=dtype)
+    DC = D @ Cd  # r x n
+    up_t = _solve_psd(DC @ D.T, DC @ Wd.T)  # r x m
+    return up_t.T.to(W.dtype)
+
+
+def refit_down(W: torch.Tensor, up_q: torch.Tensor, C: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``down`` (r x n) minimising ||(W - up_q down) X||_F^2: down = (U^T U)^-1 U^T W.
+
+    Why C cancels: the normal equations are U^T (W - U down) C = 0. The plain least-squares
+    solution already satisfies U^T (W - U down) = 0, hence these for every C; with U of full
+    column rank and C positive definite it is the unique minimiser, and with a singular C it
+    is the minimiser that also matches W on directions the calibration never excited. ``C`` is
+    accepted for symmetry with :func:`refit_up` and ignored. Float64 on CPU; W's dtype out.
+    """
+    del C
+    dtype = compute_dtype(W.device)
+    U = up_q.to(dtype)
+    return _solve_psd(U.T @ U, U.T @ W.to(dtype)).to(W.dtype)
+
+
+def quantize_factors(up: torch.Tensor, down: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE,
+                     W: torch.Tensor | None = None, C: torch.Tensor | None = None, compensate: bool = False,
+                     damp: float = DEFAULT_DAMP, scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE,
+                     dtype: torch.dtype | None = None) -> dict:
+    """Quantise ``down``, optionally refit ``up`` on the quantised ``down``, then quantise ``up``.
+
+    Order: ``down`` first because only ``up`` can be refitted cheaply and exactly for a given
+    ``down`` on the calibration statistics (:func:`refit_up`); ``up``'s own rounding error is
+    not compensated. With ``compensate`` the target is the dense ``W`` when given (this also
+    recovers some truncation error), else the unquantised product ``up @ down``.
+
+    Returns {"packed": {"down.qweight", "down.scales", "up.qweight", "up.scales", plus
+    "down.zeros", "up.zeros" for w4} (names relative to the FactorizedLinear, ready for a state
+    dict), "up": dequantised up, "down": dequantised
+    down} with the dequantised factors in ``dtype`` (default: up's dtype), exactly what the
+    exported dequantisation produces.
+    """
+    if compensate and C is None:
+        raise ValueError("compensate=True needs the calibration covariance C = X X^T of the layer's inputs")
+    dtype = dtype or up.dtype
+    qd = quantize(down, method, group_size, scale_dtype)
+    down_dq = dequantize(qd, method, group_size, dtype)
+    if compensate:
+        target = W if W is not None else up.to(compute_dtype(up.device)) @ down.to(compute_dtype(up.device))
+        up = refit_up(target, down_dq, C, damp)
+    qu = quantize(up, method, group_size, scale_dtype)
+    packed = {f"down.{k}": v for k, v in qd.items()} | {f"up.{k}": v for k, v in qu.items()}
+    return {"packed": packed, "up": dequantize(qu, method, group_size, dtype), "down": down_dq}
