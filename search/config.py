@@ -5,7 +5,7 @@ Top-level keys (unknown keys are rejected, so a typo fails loudly instead of bei
 - ``space``: the :class:`~vac.search.space.SearchSpace` (genes, bounds, choices);
 - ``search``: :class:`~vac.search.loop.SearchSettings` (population, generations, mode, seed...);
 - ``evaluator`` (``compression`` | ``toy`` | ``module:Class``) and ``evaluation`` (its options;
-  for ``compression`` the model spec handed to ``vac.pipeline.evaluate_strategy``), ``toy``
+  for ``compression`` the model spec handed to ``vac.strategy.evaluate_strategy``), ``toy``
   (options of the toy evaluator when ``--evaluator toy`` overrides);
 - ``compress_base``: fixed ``CompressConfig`` keys written under every genome's keys;
 - ``executor`` (``local`` | ``ray``), ``workers``, ``address``, ``gpus_per_actor``,

@@ -119,7 +119,7 @@ class ToyEvaluator:
 class CompressionEvaluator:
     """Compresses the base model with a genome's config and measures it.
 
-    Calls ``vac.pipeline.evaluate_strategy(model_spec, config) -> dict`` (imported lazily,
+    Calls ``vac.strategy.evaluate_strategy(model_spec, config) -> dict`` (imported lazily,
     so that workers only pay for torch/transformers when they really evaluate). Contract
     for that function:
 
@@ -145,9 +145,9 @@ class CompressionEvaluator:
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         if self._evaluate is None:
             try:
-                from vac.pipeline import evaluate_strategy
+                from vac.strategy import evaluate_strategy
             except ImportError as exc:
-                raise VacError("the compression evaluator needs vac.pipeline.evaluate_strategy, which "
+                raise VacError("the compression evaluator needs vac.strategy.evaluate_strategy, which "
                                f"could not be imported ({exc}); use --evaluator toy for a dry run") from exc
             self._evaluate = evaluate_strategy
         return self._evaluate(self.model_spec, config)

@@ -342,3 +342,27 @@ def test_ray_executor_matches_local():
         executor.close()
     finally:
         ray.shutdown()
+
+
+def test_genome_yaml_is_a_compress_config(tmp_path):
+    """A genome's YAML runs as `python -m vac.compress --config` on a model with that many layers."""
+    from conftest import write_corpus, write_tiny_checkpoint
+
+    from vac.compress import main as compress_main
+    from vac.config import config_from_args
+
+    random.seed(5)
+    space = toy_space(num_layers=2, keep_dense=[], method=["whiten", "kfac"], ratio=[1.3, 1.6],
+                      multipliers={"attention": [0.5, 2.0], "mlp": 1.0}, allocation=["uniform", "knapsack"])
+    genome = space.decode(space.random_individual(FitnessPareto))
+    path = tmp_path / "genome.yaml"
+    genome.save(path, base={"calib_samples": 8, "seq_len": 32, "batch_size": 4, "fisher_samples": 2,
+                            "evaluate": False})
+    cfg = config_from_args(["--config", str(path)])
+    for key, value in genome.to_config().items():
+        assert getattr(cfg, key) == value, key
+    model_dir, corpus = tmp_path / "m", tmp_path / "c.txt"
+    write_tiny_checkpoint(model_dir)
+    write_corpus(corpus)
+    assert compress_main(["--config", str(path), "--model", str(model_dir), "--calib-data", str(corpus),
+                          "--eval-data", str(corpus)]) == 0

@@ -1,6 +1,14 @@
-"""Pure tensor maths of weight quantisation for the low-rank factors ``up`` and ``down``.
+"""Weight quantisation of the low-rank factors ``up`` and ``down``.
 
-No models, no hooks: every function takes tensors and returns tensors.
+Everything above the last section is pure tensor maths (tensors in, tensors out, tested on
+hand-built matrices); the last section, :func:`quantize_model_`, is the plumbing that walks a
+model, collects calibration statistics with hooks and calls the maths.
+
+Why a VAC-specific layout rather than compressed-tensors or torchao: both need their own
+package at load time (transformers' quantizer integrations import them), while an exported
+VAC checkpoint must load with torch + transformers only. The packed tensors are therefore
+plain safetensors entries named like GPTQ/AWQ checkpoints (``qweight``, ``scales``,
+``zeros``) and the exported ``modeling_vac.py`` holds a verbatim copy of the dequantisers.
 
 Formats (rows = output channels, cols = input dimension of the factor; ``down`` is r x n,
 ``up`` is m x r):
@@ -16,8 +24,9 @@ Formats (rows = output channels, cols = input dimension of the factor; ``down`` 
   group_size), ``zeros`` uint8 [rows, ceil(G/2)]. When ``group_size`` does not divide ``cols``
   the last group is shorter; this is exactly zero-padding the columns to a multiple of the
   group size (a zero never widens a range that already contains 0) and cropping the padding
-  away, so factorization ranks need not be multiples of the group size. ``cols`` must be even
-  (one byte holds two columns); an odd rank is refused with a clear error.
+  away, so factorization ranks need not be multiples of the group size. An odd ``cols`` (an
+  odd rank, for ``up``) is packed with one zero column appended, ``qweight`` [rows, (cols+1)/2];
+  the dequantiser crops it away given ``cols`` (the exported modules know their shapes).
 
   Why asymmetric: it uses all 16 levels on the group's actual range instead of 15 levels on
   [-max|w|, max|w|]. Measured on Gaussian groups and on whitened-SVD factors of a 576x1536
@@ -69,12 +78,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Packed uint8 [rows, cols/2], scales [rows, G], packed zeros uint8 [rows, ceil(G/2)] -> dtype [rows, cols].
+                  dtype: torch.dtype = torch.float32, cols: int | None = None) -> torch.Tensor:
+    """Packed uint8 [rows, ceil(cols/2)], scales [rows, G], packed zeros uint8 [rows, ceil(G/2)] -> dtype [rows, cols].
 
     w = (q - z) * scale per group of ``group_size`` columns; the last group may be shorter.
+    ``cols`` crops the padding column of an odd width (default: 2 * qweight columns).
     """
     q = unpack_int4(qweight).float()
+    if cols is not None:
+        q = q[:, :cols]
     n_groups, cols = scales.shape[1], q.shape[1]
     z = unpack_int4(zeros)[:, :n_groups].float()
     z = z.repeat_interleave(group_size, dim=1)[:, :cols]
@@ -138,9 +150,6 @@ def quantize_w4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     rows, cols = w.shape
-    if cols % 2:
-        raise ValueError(f"4-bit packing stores two columns per byte, so the number of columns must be even; "
-                         f"got {cols} (for the up factor: choose an even rank, or use int8)")
     n_groups = -(-cols // group_size)
     w = w.float()
     # zero padding never changes a group's range, since the range always includes 0
@@ -153,6 +162,8 @@ def quantize_w4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     # with z = round(-lo/s), w/s + z lies in [-0.5, 15.5]: clamping costs at most scale/2
     u = torch.round(w / s.repeat_interleave(group_size, dim=1)[:, :cols])
     u = (u + zeros.repeat_interleave(group_size, dim=1)[:, :cols]).clamp(0, 15)
+    # an odd width gets one padding column holding exactly 0.0 (u = z), cropped at dequantisation
+    u = torch.cat([u, zeros[:, -1:]], dim=1) if cols % 2 else u
     z_pad = torch.nn.functional.pad(zeros, (0, n_groups % 2))  # zeros pack two per byte too
     return {"qweight": pack_int4(u - 8), "scales": scales, "zeros": pack_int4(z_pad - 8)}
 
@@ -168,11 +179,12 @@ def quantize(w: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE,
 
 
 def dequantize(d: dict[str, torch.Tensor], method: str, group_size: int = DEFAULT_GROUP_SIZE,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, cols: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`; ``cols`` is the original width (needed for an odd w4 width)."""
     if method == "int8":
         return dequantize_int8(d["qweight"], d["scales"], dtype)
     if method == "w4":
-        return dequantize_w4(d["qweight"], d["scales"], d["zeros"], group_size, dtype)
+        return dequantize_w4(d["qweight"], d["scales"], d["zeros"], group_size, dtype, cols)
     raise ValueError(f"unknown quantisation method {method!r}; expected 'int8' or 'w4'")
 
 
@@ -257,10 +269,156 @@ def quantize_factors(up: torch.Tensor, down: torch.Tensor, method: str, group_si
         raise ValueError("compensate=True needs the calibration covariance C = X X^T of the layer's inputs")
     dtype = dtype or up.dtype
     qd = quantize(down, method, group_size, scale_dtype)
-    down_dq = dequantize(qd, method, group_size, dtype)
+    down_dq = dequantize(qd, method, group_size, dtype, cols=down.shape[1])
     if compensate:
         target = W if W is not None else up.to(compute_dtype(up.device)) @ down.to(compute_dtype(up.device))
         up = refit_up(target, down_dq, C, damp)
     qu = quantize(up, method, group_size, scale_dtype)
     packed = {f"down.{k}": v for k, v in qd.items()} | {f"up.{k}": v for k, v in qu.items()}
-    return {"packed": packed, "up": dequantize(qu, method, group_size, dtype), "down": down_dq}
+    return {"packed": packed, "up": dequantize(qu, method, group_size, dtype, cols=up.shape[1]), "down": down_dq}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level entry point (plumbing: walks the model, hooks, calls the maths above)
+# ---------------------------------------------------------------------------------------------
+
+#: version of the on-disk layout described in the module docstring (config.json vac.quantization.format)
+PACKED_FORMAT = "vac-packed-1"
+METHODS = ("int8", "w4")
+
+
+def factorized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every FactorizedLinear-like module (``up`` and ``down`` nn.Linear children), by full name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "up", None), torch.nn.Linear) and isinstance(getattr(m, "down", None), torch.nn.Linear)}
+
+
+def _relative_output_error(up, down, up_q, down_q, C: torch.Tensor | None) -> float:
+    """||(P - P_q) X|| / ||P X|| for P = up @ down (Frobenius norms when C is None)."""
+    dtype = compute_dtype(up.device)
+    P = up.to(dtype) @ down.to(dtype)
+    D = P - up_q.to(dtype) @ down_q.to(dtype)
+    if C is None:
+        return float(D.norm() / P.norm().clamp_min(1e-30))
+    Cd = C.to(device=up.device, dtype=dtype)
+    num = torch.einsum("ij,jk,ik->", D, Cd, D)
+    den = torch.einsum("ij,jk,ik->", P, Cd, P)
+    return float((num.clamp_min(0) / den.clamp_min(1e-30)).sqrt())
+
+
+@torch.no_grad()
+def quantize_model_(model: torch.nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    calib_blocks: torch.Tensor | None = None, compensate: bool = False, batch_size: int = 8,
+                    progress: bool = True, damp: float = DEFAULT_DAMP,
+                    scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE) -> dict:
+    """Quantise the factors of every factorized module of ``model`` in place.
+
+    The factor weights are replaced by their dequantised values, in the model's dtype, so the
+    in-memory model computes exactly what the exported checkpoint will. With ``compensate``,
+    decoder layers are processed front to back on ``calib_blocks``: the inputs of layer l are
+    computed by the model *as quantised so far*, their covariance C is accumulated with forward
+    hooks, and each module's ``up`` is refitted on C after its ``down`` is quantised
+    (:func:`quantize_factors`, target: the unquantised product up @ down). Without
+    ``compensate``, ``calib_blocks`` is optional: when given, the same pass only measures the
+    output error on it (so runs with and without compensation report comparable errors);
+    when omitted, only the weights are touched.
+
+    Returns ``{"config": {...}, "tensors": {full name -> packed tensor (CPU)}, "stats": {...}}``:
+    ``config`` goes into config.json as ``vac.quantization`` (method, group_size, modules,
+    format, ...), ``tensors`` are the state-dict entries that replace ``<module>.down.weight``
+    and ``<module>.up.weight`` (``<module>.down.qweight``, ``.scales``, w4: ``.zeros``), and
+    ``stats`` has the mean relative output error per module kind and the seconds taken.
+    Pass the whole dict to ``vac.export.export(..., quantized=...)``.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from vac.errors import VacError
+
+    if method not in METHODS:
+        raise VacError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "w4":
+        try:
+            check_group_size(group_size)
+        except ValueError as e:
+            raise VacError(str(e)) from None
+    modules = factorized_modules(model)
+    if not modules:
+        raise VacError("the model has no factorized modules to quantize; factorize it first")
+    if compensate and calib_blocks is None:
+        raise VacError("quantization with compensation needs calibration blocks (calib_blocks)")
+    t0 = time.perf_counter()
+    tensors: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+
+    def quantize_one(name: str, mod: torch.nn.Module, C: torch.Tensor | None) -> None:
+        up, down = mod.up.weight.detach(), mod.down.weight.detach()
+        out = quantize_factors(up, down, method, group_size, C=C, compensate=compensate and C is not None,
+                               damp=damp, scale_dtype=scale_dtype, dtype=up.dtype)
+        errors[name] = _relative_output_error(up, down, out["up"], out["down"], C)
+        mod.up.weight.copy_(out["up"])
+        mod.down.weight.copy_(out["down"])
+        for key, value in out["packed"].items():
+            tensors[f"{name}.{key}"] = value.cpu()
+
+    if calib_blocks is not None:
+        _quantize_layers_calibrated(model, modules, calib_blocks, batch_size, quantize_one, progress,
+                                    desc=f"quantize ({method}{', compensated' if compensate else ''})")
+    else:
+        for name, mod in tqdm(modules.items(), desc=f"quantize ({method})", disable=not progress, unit="module"):
+            quantize_one(name, mod, None)
+
+    by_kind: dict[str, list[float]] = {}
+    for name, e in errors.items():
+        by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(e)
+    return {
+        "config": {"format": PACKED_FORMAT, "method": method, "bits": 8 if method == "int8" else 4,
+                   "group_size": group_size if method == "w4" else None,
+                   "scale_dtype": str(scale_dtype).removeprefix("torch."), "compensate": bool(compensate),
+                   "modules": sorted(modules)},
+        "tensors": tensors,
+        "stats": {"seconds": time.perf_counter() - t0,
+                  "error_measure": "weight (Frobenius)" if calib_blocks is None else "calibration output",
+                  "relative_error_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}},
+    }
+
+
+def _quantize_layers_calibrated(model, modules: dict, calib_blocks: torch.Tensor, batch_size: int,
+                                quantize_one, progress: bool, desc: str) -> None:
+    """Front to back over decoder layers, one layer's statistics at a time (see quantize_model_).
+
+    Holds the hidden states of the calibration blocks at one layer boundary only: per layer,
+    one pass of the unquantised layer collects C, then one pass of the quantised layer gives
+    the next layer's inputs.
+    """
+    from tqdm.auto import tqdm
+
+    from vac.families import get_family
+    from vac.sequential import LayerRunner
+    from vac.stats import InputCovariance
+
+    family = get_family(model)
+    runner = LayerRunner(model, calib_blocks, batch_size)
+    by_layer: dict[int, dict[str, torch.nn.Module]] = {}
+    outside = {}
+    for name, mod in modules.items():
+        head, _, rest = name.partition(family.layers_path + ".")
+        index = rest.split(".", 1)[0]
+        if head == "" and index.isdigit():
+            by_layer.setdefault(int(index), {})[name] = mod
+        else:
+            outside[name] = mod
+    for name, mod in outside.items():  # no decoder-layer inputs to calibrate on: plain rounding
+        quantize_one(name, mod, None)
+    hidden = runner.dense.pop(0)
+    last = max(by_layer, default=-1)
+    for l in tqdm(range(last + 1), desc=desc, disable=not progress, unit="layer"):
+        layer = runner.layers[l]
+        if l in by_layer:
+            with InputCovariance(by_layer[l]) as cov:
+                runner.run_layer(layer, hidden, before_batch=lambda b: cov.new_pass())
+            for name, mod in by_layer[l].items():
+                quantize_one(name, mod, cov.get(name))
+        if l < last:
+            hidden = runner.run_layer(layer, hidden)

@@ -1,0 +1,116 @@
+"""Methods x orders x ratios on the bundled model: PPL, KL, top-1 and seconds, side by side.
+
+The model, calibration and evaluation blocks are loaded once; every run starts from a fresh copy
+of the dense model, so rows are comparable. Results are printed as a markdown table and
+appended (with the command line) to --results.
+
+    python experiments/bench_methods.py --grid foundation     # svd vs whiten, one-shot, 4 ratios
+    python experiments/bench_methods.py --grid core           # the loss-aware core at 1.8x
+    python experiments/bench_methods.py --runs "kfac:front-to-back:1.8" "whiten:one-shot:1.8"
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vac.compress import load_data
+from vac.config import make_config
+from vac.evaluate import compare
+from vac.models import load
+from vac.pipeline import compress_
+
+GRIDS = {
+    "foundation": [f"{m}:one-shot:{r}" for r in (1.25, 1.5, 1.8, 2.0) for m in ("svd", "whiten")],
+    "core": ["svd:one-shot:1.8", "whiten:one-shot:1.8", "fisher(e=0.3333):one-shot:1.8",
+             "fisher(e=0.5):one-shot:1.8", "kfac:one-shot:1.8",
+             "whiten:front-to-back:1.8", "kfac:front-to-back:1.8", "kfac:back-to-front:1.8",
+             "kfac:middle-out:1.8"],
+    "ratios": [f"{spec}:{r}" for r in (1.25, 1.5, 2.0) for spec in ("whiten:one-shot", "kfac:front-to-back")],
+}
+
+
+def parse_run(spec: str) -> dict:
+    """'method(key=value,...):order:ratio[:k=v,...]' -> config overrides."""
+    parts = spec.split(":")
+    method, order, ratio = parts[0], parts[1], float(parts[2])
+    over: dict = {"order": order, "ratio": ratio}
+    if "(" in method:
+        method, args = method[:-1].split("(")
+        for kv in args.split(","):
+            k, v = kv.split("=")
+            key = {"e": "fisher_exponent", "a": "kfac_out_exponent", "b": "kfac_in_exponent"}.get(k, k)
+            over[key] = float(v)
+    over["method"] = method
+    for kv in parts[3:]:
+        k, v = kv.split("=")
+        over[k] = json.loads(v) if v[:1] in "[{0123456789-" or v in ("true", "false") else v
+    return over
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=sorted(GRIDS), action="append", default=[])
+    p.add_argument("--runs", nargs="*", default=[], help="extra runs: method[(e=..,a=..)]:order:ratio[:key=value]")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--granularity", default="layer")
+    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--results", default=None, help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    runs = [r for g in args.grid for r in GRIDS[g]] + args.runs
+    if not runs:
+        p.error("nothing to run: give --grid and/or --runs")
+
+    base = dict(calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
+                granularity=args.granularity, allocation=args.allocation)
+    loaded = load("smollm2-135m")
+    dense = loaded.model
+    calib, eval_blocks = load_data(make_config(base), loaded.tokenizer)
+    rows = []
+    header = ("| method | order | ratio | achieved | PPL | PPL / dense | KL | top-1 | compress s |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    print(header, flush=True)
+    dense_ppl = None
+    for spec in runs:
+        cfg = make_config({**base, **parse_run(spec)})
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        result = compress_(model, cfg, calib, progress=False)
+        seconds = time.perf_counter() - t0
+        metrics = compare({"c": model}, eval_blocks, reference=dense, progress=False)
+        dense_ppl = metrics["dense"]["ppl"]
+        m = metrics["c"]
+        label = cfg.method + (f"(e={cfg.fisher_exponent:.3g})" if cfg.method == "fisher" else "") + \
+            (f"(a={cfg.kfac_out_exponent:g},b={cfg.kfac_in_exponent:g})" if cfg.method == "kfac" else "")
+        extra = {k: v for k, v in parse_run(spec).items() if k not in ("order", "ratio", "method", "fisher_exponent",
+                                                                       "kfac_out_exponent", "kfac_in_exponent")}
+        if extra:
+            label += " " + ",".join(f"{k}={v}" for k, v in extra.items())
+        row = (f"| {label} | {cfg.order} | {cfg.ratio} | {result.linear_ratio:.3f} | {m['ppl']:.2f} | "
+               f"{m['ppl'] / dense_ppl:.2f}x | {m['kl']:.3f} | {m['top1']:.1%} | {seconds:.0f} |")
+        rows.append(row)
+        print(row, flush=True)
+        del model
+    footer = (f"\nDense PPL {dense_ppl:.2f} on {eval_blocks.numel()} held-out tokens "
+              f"({args.eval_samples} x {args.seq_len}, bundled corpus evaluation split); calibration "
+              f"{args.calib_samples} x {args.seq_len}; granularity {args.granularity}, allocation {args.allocation}.")
+    print(footer)
+    if args.results:
+        cmd = "python experiments/bench_methods.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        with open(args.results, "a") as fh:
+            fh.write(f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} CPU threads)\n\n")
+            fh.write(header + "\n" + "\n".join(rows) + "\n" + footer + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

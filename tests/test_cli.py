@@ -1,0 +1,151 @@
+"""The CLI end to end on a tiny checkpoint, and every bad input it must refuse cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import write_corpus, write_tiny_checkpoint
+
+from vac.compress import main
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    write_corpus(p)
+    return p
+
+
+def base_args(model_dir, corpus, out=None):
+    args = ["--model", str(model_dir), "--calib-data", str(corpus), "--eval-data", str(corpus),
+            "--calib-samples", "8", "--eval-samples", "4", "--seq-len", "32", "--batch-size", "4",
+            "--fisher-samples", "2", "--no-evaluate"]
+    return args + (["--out", str(out)] if out else [])
+
+
+def test_compress_end_to_end(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = base_args(tiny_dir, corpus, out)
+    args.remove("--no-evaluate")
+    assert main(args + ["--ratio", "1.5", "--method", "kfac", "--order", "front-to-back"]) == 0
+    for name in ("config.json", "model.safetensors", "modeling_vac.py", "tokenizer.json", "report.json",
+                 "report.md", "ranks.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["ratio"]["achieved_linear"] >= 1.5
+    assert report["params"]["compressed_linear"] < report["params"]["dense_linear"]
+    for key in ("dense", "compressed"):
+        assert report["evaluation"][key]["ppl"] > 0
+    assert 0 <= report["evaluation"]["compressed"]["top1"] <= 1
+    assert all(k.startswith("model.layers.") for k in report["ranks"])
+    assert "time per stage" in capsys.readouterr().err
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run([sys.executable, "-m", "vac.compress", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in ("--model", "--ratio", "--method", "--calib-data", "--eval-data", "--calib-samples", "--seq-len",
+                 "--out", "--config", "--order", "--allocation", "--overwrite"):
+        assert flag in proc.stdout
+
+
+def _fails(args, capsys, *needles, out=None):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("ratio,needle", [("1.0", "> 1"), ("0.5", "> 1"), ("nan", "> 1"), ("inf", "> 1"),
+                                          ("500", "too high")])
+def test_bad_ratio(tiny_dir, corpus, tmp_path, capsys, ratio, needle):
+    out = tmp_path / "out"
+    _fails(base_args(tiny_dir, corpus, out) + ["--ratio", ratio], capsys, needle, out=out)
+
+
+def test_unknown_family(tmp_path, corpus, capsys):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    (d / "model.safetensors").write_bytes(b"")
+    _fails(base_args(d, corpus), capsys, "not supported", "llama", "olmo3")
+
+
+def test_missing_weights(tiny_dir, corpus, capsys):
+    (tiny_dir / "model.safetensors").unlink()
+    _fails(base_args(tiny_dir, corpus), capsys, "no *.safetensors")
+
+
+def test_corrupt_weights(tiny_dir, corpus, capsys):
+    w = tiny_dir / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    _fails(base_args(tiny_dir, corpus), capsys, "corrupt")
+
+
+def test_missing_tokenizer(tiny_dir, corpus, capsys):
+    for f in tiny_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    _fails(base_args(tiny_dir, corpus), capsys, "no tokenizer")
+
+
+def test_empty_data(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _fails(base_args(tiny_dir, empty), capsys, "no usable text")
+
+
+def test_too_little_data(tiny_dir, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    write_corpus(small, docs=8, words=10)
+    _fails(base_args(tiny_dir, small), capsys, "tokens", "need")
+
+
+def test_unreachable_hub_dataset(tiny_dir, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = base_args(tiny_dir, corpus)
+    args[args.index("--calib-data") + 1] = "nobody/no-such-dataset"
+    _fails(args, capsys, "no-such-dataset", "offline")
+
+
+def test_unreachable_hub_model(corpus, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fails(base_args("nobody/no-such-model", corpus), capsys, "no-such-model", "Hub")
+
+
+def test_out_not_empty(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fails(base_args(tiny_dir, corpus, out), capsys, "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_yaml_config_and_unknown_keys(tiny_dir, corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: 1.5\nratoi: 2\n")
+    _fails(base_args(tiny_dir, corpus) + ["--config", str(bad)], capsys, "unknown keys", "ratoi")
+    good = tmp_path / "good.yaml"
+    good.write_text("ratio: 1.5\nmethod: svd\norder: [1, 0]\n")
+    from vac.config import config_from_args
+
+    cfg = config_from_args(["--config", str(good), "--method", "whiten"])
+    assert (cfg.ratio, cfg.method, cfg.order) == (1.5, "whiten", [1, 0])  # the command line wins
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from vac.config import load_yaml, make_config
+
+    shipped = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        if path.name.startswith(("recover", "accelerate")):
+            continue  # other stages' configs are parsed by their own tests
+        make_config(load_yaml(path))

@@ -1,0 +1,91 @@
+"""The sequential pipeline on tiny models: orders, hooks, ranks, budgets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_blocks, tiny_model
+
+from vac.config import make_config
+from vac.errors import VacError
+from vac.evaluate import compare
+from vac.families import find_targets
+from vac.layers import FactorizedLinear
+from vac.pipeline import compress_
+from vac.plan import layer_order
+from vac.stats import hook_count
+
+
+def test_named_orders():
+    assert layer_order("front-to-back", 5) == [0, 1, 2, 3, 4]
+    assert layer_order("back-to-front", 5) == [4, 3, 2, 1, 0]
+    assert layer_order("middle-out", 6) == [3, 2, 4, 1, 5, 0]
+    assert layer_order("middle-out", 5) == [2, 1, 3, 0, 4]
+    assert layer_order([2, 0, 1], 3) == [2, 0, 1]
+    with pytest.raises(VacError, match="permutation"):
+        layer_order([0, 0, 1], 3)
+
+
+@pytest.mark.parametrize("order", ["front-to-back", "back-to-front", "middle-out", [1, 3, 0, 2]])
+def test_layers_are_compressed_in_the_stated_order(order, monkeypatch):
+    model = tiny_model_with_layers(4)
+    seen = []
+    import vac.pipeline as pl
+
+    real = pl._factorize_target
+    monkeypatch.setattr(pl, "_factorize_target", lambda m, t, *a: (seen.append(t.layer), real(m, t, *a)))
+    compress_(model, make_config(dict(method="whiten", ratio=1.5, order=order, batch_size=4)),
+              random_blocks(4, 16), progress=False)
+    layers = list(dict.fromkeys(seen))
+    assert layers == layer_order(order, 4)
+
+
+def tiny_model_with_layers(n: int):
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = n
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["svd", "whiten", "fisher", "kfac"])
+@pytest.mark.parametrize("order,granularity", [("one-shot", "layer"), ("front-to-back", "matrix"),
+                                               ("middle-out", "layer")])
+def test_methods_compress_and_remove_their_hooks(method, order, granularity):
+    model = tiny_model("olmo3")
+    cfg = make_config(dict(method=method, ratio=1.6, order=order, granularity=granularity, batch_size=4,
+                           fisher_samples=2))
+    result = compress_(model, cfg, random_blocks(8, 16), progress=False)
+    assert hook_count(model.modules()) == 0
+    assert result.linear_ratio >= 1.6
+    assert all(isinstance(model.get_submodule(t.name), FactorizedLinear) for t in find_targets(model))
+    assert not any(p.requires_grad is False for p in model.parameters())  # requires_grad restored
+
+
+def test_loss_aware_beats_plain_svd_on_kl():
+    dense = tiny_model("llama", seed=1)
+    calib, held = random_blocks(16, 32, seed=0), random_blocks(4, 32, seed=9)
+    kl = {}
+    for method in ("svd", "whiten"):
+        model = copy.deepcopy(dense)
+        compress_(model, make_config(dict(method=method, ratio=2.0, batch_size=8)), calib, progress=False)
+        kl[method] = compare({"m": model}, held, reference=dense, progress=False)["m"]["kl"]
+    assert kl["whiten"] < kl["svd"]
+
+
+def test_keep_dense_layers_stay_dense_and_budget_holds():
+    model = tiny_model("qwen3")
+    cfg = make_config(dict(method="svd", ratio=1.3, keep_dense=[0]))
+    result = compress_(model, cfg, random_blocks(4, 16), progress=False)
+    for t in find_targets(model):
+        assert isinstance(model.get_submodule(t.name), FactorizedLinear) == (t.layer != 0)
+    assert result.linear_ratio >= 1.3
+
+
+def test_ratio_too_high_for_uniform_ranks():
+    with pytest.raises(VacError, match="too high"):
+        compress_(tiny_model(), make_config(dict(method="svd", ratio=60.0)), random_blocks(2, 8), progress=False)
