@@ -89,3 +89,35 @@ def test_keep_dense_layers_stay_dense_and_budget_holds():
 def test_ratio_too_high_for_uniform_ranks():
     with pytest.raises(VacError, match="too high"):
         compress_(tiny_model(), make_config(dict(method="svd", ratio=60.0)), random_blocks(2, 8), progress=False)
+
+
+def test_knapsack_allocation_fits_budget_and_honours_multipliers():
+    from vac.families import ATTENTION, MLP
+
+    calib = random_blocks(8, 32)
+    ranks = {}
+    for mult in (None, {"attention": 0.5, "mlp": 1.2}):
+        model = tiny_model("llama", seed=2)
+        cfg = make_config(dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, fisher_samples=4,
+                               batch_size=4, multipliers=mult or {}, compress_all=True))
+        result = compress_(model, cfg, calib, progress=False)
+        assert 1.5 <= result.linear_ratio <= 1.5 * 1.05  # the grid of 4 leaves a little slack on a tiny model
+        assert result.allocation["status"] in ("OPTIMAL", "FEASIBLE")
+        assert all(r is not None for r in result.ranks.values())  # compress_all: nothing kept dense
+        ranks[mult is None] = result
+    capped = ranks[False]
+    attn = [t for t in capped.targets if t.component == ATTENTION]
+    attn_params = sum(capped.ranks[t.name] * (t.out_features + t.in_features) for t in attn)
+    assert attn_params <= 0.5 * sum(t.dense_params for t in attn) / 1.5
+    assert any(t.component == MLP for t in capped.targets)
+
+
+def test_knapsack_may_keep_matrices_dense():
+    model = tiny_model("qwen2", seed=3)
+    cfg = make_config(dict(method="whiten", ratio=1.2, allocation="knapsack", rank_grid=4, fisher_samples=2,
+                           batch_size=4))
+    result = compress_(model, cfg, random_blocks(8, 32), progress=False)
+    assert result.linear_ratio >= 1.2
+    for t in find_targets(model):
+        kept = result.ranks[t.name] is None
+        assert isinstance(model.get_submodule(t.name), FactorizedLinear) != kept

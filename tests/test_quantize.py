@@ -72,9 +72,22 @@ def test_invalid_group_size_raises(bad):
         quantize_w4(torch.randn(4, 64), bad)
 
 
-def test_odd_columns_and_bad_method_raise():
-    with pytest.raises(ValueError, match="even"):
-        quantize_w4(torch.randn(4, 63), 32)
+@pytest.mark.parametrize("cols,group_size", [(63, 32), (21, 128), (1, 32)])
+def test_w4_odd_columns_pad_and_crop(cols, group_size):
+    w = torch.randn(5, cols)
+    d = quantize_w4(w, group_size)
+    assert d["qweight"].shape == (5, (cols + 1) // 2)
+    deq = dequantize_w4(d["qweight"], d["scales"], d["zeros"], group_size, cols=cols)
+    assert deq.shape == (5, cols)
+    bound = _per_group(d["scales"], group_size, cols) / 2 * (1 + 1e-6)
+    assert ((deq - w).abs() <= bound).all()
+    # the padding column decodes to exactly zero
+    assert (dequantize_w4(d["qweight"], d["scales"], d["zeros"], group_size)[:, cols:] == 0).all()
+    out = quantize_factors(torch.randn(8, cols), torch.randn(cols, 40), "w4", group_size)
+    assert out["up"].shape == (8, cols) and out["down"].shape == (cols, 40)
+
+
+def test_bad_method_raises():
     with pytest.raises(ValueError, match="method"):
         quantize_factors(torch.randn(8, 4), torch.randn(4, 8), "int3")
     with pytest.raises(ValueError, match="C"):
@@ -146,3 +159,64 @@ def test_refit_down_does_not_depend_on_C():
     for C in (X @ X.T, torch.eye(20, dtype=torch.float64)):
         grad = up_q.T @ (W.double() - up_q @ d) @ C
         assert grad.abs().max() < 1e-8 * C.abs().max()
+
+
+# --- model level: quantize_model_ on a tiny factorized model ----------------------------------
+
+def _tiny_factorized(ratio=1.5):
+    from conftest import random_blocks, tiny_model
+
+    from vac.config import make_config
+    from vac.pipeline import compress_
+
+    model = tiny_model()
+    calib = random_blocks(8, 32)
+    compress_(model, make_config(dict(method="whiten", ratio=ratio, batch_size=4)), calib, progress=False)
+    return model, calib
+
+
+@pytest.mark.parametrize("method", ["int8", "w4"])
+def test_quantize_model_weights_are_the_dequantized_packed_tensors(method):
+    from vac.quantize import dequantize, factorized_modules, quantize_model_
+
+    model, _ = _tiny_factorized()
+    modules = factorized_modules(model)
+    before = {n: m.up.weight.clone() for n, m in modules.items()}
+    q = quantize_model_(model, method, group_size=32, progress=False)
+    assert q["config"]["method"] == method and q["config"]["modules"] == sorted(modules)
+    assert q["config"]["group_size"] == (32 if method == "w4" else None)
+    for name, mod in modules.items():
+        for factor in ("down", "up"):
+            w = getattr(mod, factor).weight
+            packed = {k.rsplit(".", 1)[-1]: v for k, v in q["tensors"].items() if k.startswith(f"{name}.{factor}.")}
+            assert set(packed) == ({"qweight", "scales", "zeros"} if method == "w4" else {"qweight", "scales"})
+            assert torch.equal(dequantize(packed, method, 32, w.dtype, cols=w.shape[1]), w)
+        assert not torch.equal(before[name], mod.up.weight)  # odd ranks (21, 31) included
+
+
+def test_quantize_model_compensation_lowers_calibration_error():
+    from vac.quantize import quantize_model_
+
+    errs = {}
+    for compensate in (False, True):
+        model, calib = _tiny_factorized()
+        q = quantize_model_(model, "w4", group_size=16, calib_blocks=calib, compensate=compensate, progress=False)
+        assert q["stats"]["error_measure"] == "calibration output"
+        errs[compensate] = q["stats"]["relative_error_by_kind"]
+    for kind, e in errs[True].items():
+        assert e < errs[False][kind], (kind, e, errs[False][kind])
+
+
+def test_quantize_model_refuses_bad_input():
+    from vac.errors import VacError
+    from vac.quantize import quantize_model_
+
+    from conftest import tiny_model
+
+    with pytest.raises(VacError, match="no factorized"):
+        quantize_model_(tiny_model(), "int8", progress=False)
+    model, _ = _tiny_factorized()
+    with pytest.raises(VacError, match="calib"):
+        quantize_model_(model, "w4", compensate=True, progress=False)
+    with pytest.raises(VacError, match="method"):
+        quantize_model_(model, "int4", progress=False)

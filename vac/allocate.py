@@ -239,14 +239,17 @@ def _hull_segments(pareto: list[list[Option]]) -> list[tuple[float, int, int, in
     """All hull upgrades (efficiency, group, step, from, to), best loss drop per param first.
 
     Along one group's hull the efficiencies never increase, so sorting globally keeps every
-    group's steps in order (ties broken by step index).
+    group's steps in order (ties broken by step index). The greedy relies on that order, so
+    float noise on near-collinear points is clamped away rather than trusted.
     """
     segs = []
     for g, opts in enumerate(pareto):
         hull = _lower_hull(opts)
+        prev = math.inf
         for k, (i, j) in enumerate(zip(hull[:-1], hull[1:])):
-            eff = (opts[i].loss - opts[j].loss) / (opts[j].params - opts[i].params)
+            eff = min(prev, (opts[i].loss - opts[j].loss) / (opts[j].params - opts[i].params))
             segs.append((eff, g, k, i, j))
+            prev = eff
     segs.sort(key=lambda s: (-s[0], s[1], s[2]))
     return segs
 
@@ -257,7 +260,9 @@ def _lp_dual(pareto: list[list[Option]], segs, budget: int) -> tuple[float, floa
     Taking hull upgrades in efficiency order, and a fraction of the first that does not fit,
     solves the LP of a multiple-choice knapsack (Sinha & Zoltners 1979); the efficiency of
     that critical step is the budget's dual price lam, and by duality the bound is
-    sum_g min_o (loss_go + lam * params_go) - lam * budget. It is computed from that formula
+    sum_g min_o (loss_go + lam * params_go) - lam * budget. (That formula is a Lagrangian
+    bound, valid for any lam >= 0, so the bound and the reduced-cost fixing built on it
+    stay valid even if lam is slightly off.) It is computed from that formula
     with exactly rounded sums (``math.fsum``): a running sum of upgrades would cancel
     catastrophically, since cheap-rank losses can be 1e6 times the optimum.
     """
