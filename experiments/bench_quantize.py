@@ -53,6 +53,29 @@ def factor_bytes(directory) -> int:
     return total
 
 
+def factorize(model, cfg, calib, cache: str | None):
+    """compress_ in place, or restore the factors saved by an earlier run with the same options."""
+    from vac.layers import FactorizedLinear
+    from vac.pipeline import replace_linear
+
+    key = {k: v for k, v in cfg.to_dict().items() if k not in ("eval_samples", "out", "overwrite", "evaluate")}
+    if cache and os.path.isfile(cache):
+        saved = torch.load(cache, weights_only=False)
+        if saved["key"] == key:
+            for name, r in saved["result"].ranks.items():
+                if r is not None:
+                    old = model.get_submodule(name)
+                    replace_linear(model, name, FactorizedLinear(old.in_features, old.out_features, r,
+                                                                 bias=old.bias is not None))
+            model.load_state_dict(saved["state"])
+            print(f"factors restored from {cache}", file=sys.stderr)
+            return saved["result"]
+    result = compress_(model, cfg, calib, progress=False)
+    if cache:
+        torch.save({"key": key, "result": result, "state": model.state_dict()}, cache)
+    return result
+
+
 def variants(group_sizes: list[int]) -> list[tuple[str, str | None, int | None, bool]]:
     out: list[tuple[str, str | None, int | None, bool]] = [("factorized (no quantization)", None, None, False),
                                                            ("int8", "int8", None, False),
@@ -72,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="32 calibration and 8 evaluation blocks")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--cache", help="file to save the factorized model to / restore it from (same options)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = loaded.model, loaded.tokenizer
     calib, eval_blocks = load_data(cfg, tok)
     dense = copy.deepcopy(model)
-    result = compress_(model, cfg, calib, progress=False)
+    result = factorize(model, cfg, calib, args.cache)
     print(f"{loaded.base_model}: {args.method} {args.order} at {result.linear_ratio:.3f}x over the target linears "
           f"({time.perf_counter() - t0:.0f} s); calibration {tuple(calib.shape)}, evaluation "
           f"{tuple(eval_blocks.shape)}", file=sys.stderr)

@@ -19,11 +19,11 @@ from conftest import VOCAB, random_blocks, tiny_config, tiny_model, tiny_tokeniz
 from vac.config import make_config
 from vac.errors import VacError
 from vac.families import find_targets
-from vac.mixing import Mix, StreamCursor, distillation_mix, render_conversation, replay_mix
+from vac.mixing import StreamCursor, distillation_mix, render_conversation, replay_mix
 from vac.pipeline import compress_
 from vac.probes import Probe, check_output, check_think, default_probes, probes_from_config, run_probes
-from vac.recover import (RecoverConfig, check_param_groups, classify_parameters, distillation_loss,
-                         load_recover_yaml, main, make_optimizer, make_recover_config, param_groups, recover_)
+from vac.recover import (RecoverConfig, check_compatible, check_param_groups, distillation_loss, load_recover_yaml,
+                         main, make_optimizer, make_recover_config, param_groups, recover_)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,10 +63,6 @@ def config(data, **kw) -> RecoverConfig:
                 eval_data=data["corpus"], eval_samples=4, eval_every=0, checkpoint_every=0, run_probes=False,
                 wandb_mode="disabled", device="cpu")
     return make_recover_config({**base, **kw})
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or "down" in n or "up." in n}
 
 
 # --- the loss ----------------------------------------------------------------------------------------------------
@@ -277,8 +273,6 @@ def test_student_and_teacher_vocabularies_must_match(data):
 
     words = {f"x{i}": i for i in range(VOCAB)}
     tok2 = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="x0")))
-    from vac.recover import check_compatible
-
     with pytest.raises(VacError, match="tokenizers differ"):
         check_compatible(student, tiny_model(), tiny_tokenizer(), tok2)
 
@@ -378,6 +372,10 @@ def test_shipped_recovery_preset_parses(tmp_path):
     bad.write_text("lr: 1e-4\nlearning_rate: 3\n")
     with pytest.raises(VacError, match="unknown keys"):
         load_recover_yaml(bad)
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate-fsdp-7b.yaml"))
+    assert str(fsdp.distributed_type).endswith("FSDP") and fsdp.fsdp_config["fsdp_version"] == 2
 
 
 def test_cli_recovers_an_exported_checkpoint(tmp_path, data):

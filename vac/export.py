@@ -71,9 +71,7 @@ def export(model: nn.Module, tokenizer, out: str | Path, *, vac_meta: dict, over
         _check_quantized(model, quantized)
         vac_meta = {**vac_meta, "quantization": {k: v for k, v in quantized["config"].items()}}
     if dtype is not None and dtype != next(model.parameters()).dtype:
-        import copy
-
-        model = copy.deepcopy(model).to(dtype)
+        model = _cast_parameters(model, dtype)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     config = model.config
     saved = {k: getattr(config, k, None) for k in ("auto_map", "vac", "architectures")}
@@ -103,6 +101,22 @@ def export(model: nn.Module, tokenizer, out: str | Path, *, vac_meta: dict, over
             else:
                 setattr(config, k, v)
     return out
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy with floating-point *parameters* in ``dtype``; buffers keep theirs.
+
+    Not ``model.to(dtype)``: that also casts buffers such as rotary ``inv_freq``, which
+    ``from_pretrained(dtype=...)`` keeps in float32, so the copy would no longer be the model
+    the checkpoint reloads as (in bf16 the positions drift visibly on long sequences).
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
 
 
 class _PackedHolder(nn.Module):

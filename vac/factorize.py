@@ -77,6 +77,13 @@ def psd_power(C: torch.Tensor, power: float, eps: float = 1e-12) -> torch.Tensor
     return (evecs * evals.pow(power)) @ evecs.T
 
 
+def psd_powers(C: torch.Tensor, *powers: float, eps: float = 1e-12) -> list[torch.Tensor]:
+    """Several powers of one symmetric PSD matrix from a single eigendecomposition."""
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.T))
+    evals = evals.clamp_min(evals.max().clamp_min(0) * eps + torch.finfo(C.dtype).tiny)
+    return [(evecs * evals.pow(p)) @ evecs.T for p in powers]
+
+
 def sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A square root L of C (C = L L^T) and its inverse: Cholesky, or eigen-root when C is not PD."""
     L, info = torch.linalg.cholesky_ex(C)
@@ -85,7 +92,7 @@ def sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
         if torch.isfinite(L_inv).all():
             return L, L_inv
-    return psd_power(C, 0.5), psd_power(C, -0.5)
+    return tuple(psd_powers(C, 0.5, -0.5))
 
 
 def weighted_svd(W: torch.Tensor, rank: int, *,
@@ -148,8 +155,7 @@ def _side_weight(M: torch.Tensor | None, exponent: float, damp: float,
         # same floor as psd_power, so that a zero channel stays invertible without damping
         d = d.clamp_min(d.max() * 1e-12 + torch.finfo(dtype).tiny)
         return d.pow(exponent), d.pow(-exponent)
-    Md = damped(M, damp)
-    return psd_power(Md, exponent), psd_power(Md, -exponent)
+    return tuple(psd_powers(damped(M, damp), exponent, -exponent))
 
 
 def fisher_scales(F: torch.Tensor, exponent: float = 1 / 3,

@@ -194,11 +194,15 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
         prefix = t_prefix(by_layer[l][0])
         stats = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in by_layer[l]}, cross=False)
         stats.collect(runner.dense_inputs(l), None)
+        roots: dict[int, torch.Tensor] = {}  # targets reading the same input share C (q/k/v, gate/up)
         for t in by_layer[l]:
             W = runner.layers[l].get_submodule(t.name[len(prefix):]).weight.detach()
             dtype = fz.compute_dtype(W.device)
             left = fz.psd_power(fz.damped(G[t.name].to(dtype), cfg.damp), 0.5)
-            right = fz.psd_power(fz.damped(stats.C[t.name].to(dtype), cfg.damp), 0.5)
+            C = stats.C[t.name]
+            if id(C) not in roots:
+                roots[id(C)] = fz.psd_power(fz.damped(C.to(dtype), cfg.damp), 0.5)
+            right = roots[id(C)]
             spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
             tail = fz.tail_energy(spectrum)
             result.spectra[t.name] = spectrum.float().cpu()

@@ -154,6 +154,8 @@ class PairedInputStats:
         self.runner, self.l, self.names, self.cross = runner, l, names, cross
         self.C: dict[str, torch.Tensor] = {}
         self.C_cross: dict[str, torch.Tensor] = {}
+        self._alias: dict[str, str] = {}
+        self._batch_seen: dict[int, tuple] = {}
 
     @torch.no_grad()
     def collect(self, current_inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor] | None,
@@ -187,10 +189,16 @@ class PairedInputStats:
                 if current_is_dense and not self.cross:
                     dense_out.append(y.to(runner.storage))
                 stash.clear()
+                self._batch_seen.clear()
         finally:
             for hd in handles:
                 hd.remove()
             self._stash_mode = False
+            self._batch_seen.clear()
+        for name, owner in self._alias.items():
+            self.C[name] = self.C[owner]
+            if owner in self.C_cross:
+                self.C_cross[name] = self.C_cross[owner]
         return dense_out or None
 
     _stash_mode = False
@@ -205,6 +213,12 @@ class PairedInputStats:
         def hook(module, inputs, output):
             if self._stash_mode:
                 return  # the dense layer is this same module (layer not yet modified)
+            # q/k/v (and gate/up) read the very same tensor: accumulate its covariance once
+            seen = self._batch_seen.get(id(inputs[0]))
+            if seen is not None and seen[1] is inputs[0]:
+                self._alias[name] = seen[0]
+                return
+            self._batch_seen[id(inputs[0])] = (name, inputs[0])
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             _add(self.C, name, x.T @ x)
             if self.cross:
