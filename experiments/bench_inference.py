@@ -301,7 +301,7 @@ def bench_gpu(args, smoke: bool = False) -> str:
     if smoke:
         device, cfg, dtype = "cpu", TINY, torch.float32
         return (bench_gpu_layers(cfg, args.ratio, device, dtype, [16, 1], 2, False, 32)
-                + "\n" + bench_gpu_model(cfg, args.ratio, device, dtype, 32, 4, 1, False, 32))
+                + "\n" + bench_gpu_model(cfg, args.ratio, device, dtype, 32, 4, 1, True, 32))
     if not torch.cuda.is_available():
         return "\nGPU benchmark skipped: CUDA is not available on this machine.\n"
     device, dtype = "cuda", torch.bfloat16

@@ -318,6 +318,15 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, da
         recover_(copy.deepcopy(base), teacher, tok, config(data, **{**kw, "lr": 1e-3}), run_dir=tmp_path / "b",
                  resume=True, progress=False)
 
+    def crash_at_step_5(stage, step):  # like SIGKILL: no checkpoint at the crash, the periodic one (step 4) stays
+        if stage == "kd" and step == 5:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        recover_(copy.deepcopy(base), teacher, tok, config(data, **kw), run_dir=tmp_path / "b", resume=True,
+                 progress=False, on_step=crash_at_step_5)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 4
+
     resumed = copy.deepcopy(base)  # a fresh process would start from the same exported student
     out = recover_(resumed, teacher, tok, config(data, **kw), run_dir=tmp_path / "b", resume=True, progress=False)
     assert out["steps"] == {"kd": 6, "sft": 2} and not out["interrupted"]

@@ -91,7 +91,6 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
         model, tok = _load_hub(spec, torch_dtype)
         loaded = LoadedModel(model, tok, spec, spec, "hub")
     loaded.model.to(resolve_device(device)).eval()
-    loaded.model.config.use_cache = False
     return loaded
 
 

@@ -96,9 +96,12 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
         F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
         timings["gradient_stats"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    runner = LayerRunner(model, calib, cfg.batch_size)
-    timings["capture"] = time.perf_counter() - t0
+    # hidden states are needed only by methods that read layer inputs (and by the allocator)
+    runner = None
+    if method.needs_inputs or cfg.allocation == "knapsack":
+        t0 = time.perf_counter()
+        runner = LayerRunner(model, calib, cfg.batch_size)
+        timings["capture"] = time.perf_counter() - t0
 
     # 2. ranks
     t0 = time.perf_counter()
@@ -124,6 +127,11 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
     steps = [l for l in order if l in by_layer]
     for l in tqdm(steps, desc=f"factorize ({cfg.method}, {cfg.order})", disable=not progress, unit="layer"):
         layer_targets = by_layer[l]
+        if not method.needs_inputs:  # svd, fisher: weights (and gradients) only
+            for t in layer_targets:
+                _factorize_target(model, t, result.ranks[t.name], TargetStats(G=G.get(t.name), F=F.get(t.name)),
+                                  method, cfg, result)
+            continue
         if one_shot:
             current, dense, cross = runner.dense_inputs(l), None, False
         else:

@@ -321,10 +321,11 @@ class WarmupCosine:
         self.warmup, self.total, self.floor = warmup, total, floor
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
+        warmup = min(self.warmup, self.total // 4)  # short runs: warm-up never takes most of the schedule
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = max(1, self.total - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -460,12 +461,16 @@ class Checkpointer:
     def load_state(self, path: Path) -> dict:
         return json.loads((path / "state.json").read_text())
 
-    def load_weights(self, path: Path, model) -> None:
-        """Trainable weights and RNG states (at any checkpoint, a stage boundary included)."""
+    def load_weights(self, path: Path, model, optimizer, *, mid_stage: bool) -> None:
+        """Trainable weights and RNG states (from any checkpoint, a stage boundary included)."""
         from safetensors.torch import load_file
 
         acc = self.acc
-        if not _is_fsdp(acc):  # under FSDP, load_optimizer restores the (sharded) model with the optimizer
+        if _is_fsdp(acc):  # sharded model and optimizer come back together
+            acc.load_state(str(path / "accelerate"))
+            if not mid_stage:  # a new stage starts with fresh optimizer moments
+                getattr(optimizer, "optimizer", optimizer).state.clear()
+        else:
             params = dict(acc.unwrap_model(model).named_parameters())
             weights = load_file(str(path / "trainable.safetensors"))
             if set(weights) != {n for n, p in params.items() if p.requires_grad}:
@@ -482,9 +487,7 @@ class Checkpointer:
 
     def load_optimizer(self, path: Path, optimizer, scheduler) -> None:
         """Optimizer and scheduler of the stage the checkpoint was taken in."""
-        if _is_fsdp(self.acc):
-            self.acc.load_state(str(path / "accelerate"))
-        else:
+        if not _is_fsdp(self.acc):  # (FSDP: loaded with the weights)
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
@@ -566,10 +569,10 @@ def plot_history(history: dict, path: Path) -> Path:
     for stage in sorted({r["stage"] for r in history["train"]}):
         rows = [r for r in history["train"] if r["stage"] == stage]
         xs, ys = [r["global_step"] for r in rows], [r["loss"] for r in rows]
-        ax1.plot(xs, ys, lw=0.6, alpha=0.4)
+        (raw,) = ax1.plot(xs, ys, lw=0.6, alpha=0.35)
         k = max(1, len(ys) // 25)  # running mean for readability
         smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
-        ax1.plot(xs, smooth, lw=1.5, label=f"{stage} loss")
+        ax1.plot(xs, smooth, lw=1.5, color=raw.get_color(), label=f"{stage} loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
     ax1.grid(alpha=0.3)
@@ -716,6 +719,9 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     history = state["history"]
     stages = _stages(rcfg)
     first = min(state["stage"], len(stages) - 1)
+    # data streams up front: a source without usable text fails before minutes of evaluation
+    mixes = {si: _stage_mix(stage, rcfg, tokenizer) for si, stage in enumerate(stages)
+             if si >= state["stage"] and not state["done"]}
     if main:
         log.info("recovery config: %s", json.dumps(rcfg.to_dict()))
 
@@ -729,7 +735,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     student.train()
     model, optimizer = acc.prepare(student, make_optimizer(groups, rcfg, acc.device))
     if path is not None:
-        ckpt.load_weights(path, model)
+        ckpt.load_weights(path, model, optimizer, mid_stage=state["step"] > 0)
     tracker = Tracker(rcfg, run_dir, main, state.get("wandb_id"), rcfg.to_dict())
     state["wandb_id"] = tracker.run_id or state.get("wandb_id")
     timings: dict[str, float] = {}
@@ -768,7 +774,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
                     check_param_groups(model, groups)
                     optimizer = acc.prepare_optimizer(make_optimizer(groups, rcfg, acc.device))
                 interrupted = _run_stage(
-                    stage, si, acc=acc, model=model, teacher=teacher, tokenizer=tokenizer, optimizer=optimizer,
+                    stage, si, acc=acc, model=model, teacher=teacher, mix=mixes[si], optimizer=optimizer,
                     rcfg=rcfg, state=state, ckpt=ckpt, path=path if si == first else None, fingerprint=fingerprint,
                     tracker=tracker, stop=stop, on_step=on_step, eval_row=eval_row, t_eval=t_eval,
                     has_eval=eval_blocks is not None, progress=progress and main, timings=timings)
@@ -814,7 +820,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     return result
 
 
-def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, tokenizer, optimizer, rcfg: RecoverConfig,
+def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, mix, optimizer, rcfg: RecoverConfig,
                state: dict, ckpt, path, fingerprint, tracker, stop, on_step, eval_row, t_eval: float,
                has_eval: bool, progress: bool, timings: dict) -> bool:
     """Train one stage to its horizon (or time budget); True if a signal stopped it."""
@@ -822,7 +828,6 @@ def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, tokenizer, optimi
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(rcfg.warmup_steps, stage.steps or 10 ** 9, rcfg.min_lr_ratio))
-    mix = _stage_mix(stage, rcfg, tokenizer)
     resumed = path is not None and state["stage"] == si and state["step"] > 0
     if resumed:
         ckpt.load_optimizer(path, optimizer, scheduler)
