@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | PPL | KL(dense‖model) | top-1 | rel. output error (calib) | weights on disk | vs dense bf16 "
           "| factor bytes | vs bf16 factors |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| dense | {metrics['dense']['ppl']:.3f} | – | – | – | {dense_bytes / 1e6:.1f} MB | 1.000 | – | – |")
+    print(f"| dense | {metrics['dense']['ppl']:.3f} | – | – | – | {dense_bytes / 1e6:.1f} MB | 1.000 "
+          "| – | – |")
     for name, row in rows.items():
         m = metrics[name]
         row.update(ppl=m["ppl"], kl=m["kl"], top1=m["top1"])

@@ -66,14 +66,15 @@ def main(argv=None) -> int:
                    help="where the compressed student is cached")
     p.add_argument("--out", default=str(HERE / "results" / "recover"), help="results directory")
     p.add_argument("--quick", action="store_true", help="8 evaluation blocks instead of 32 (smoke runs)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-5, help="MLP factors; attention x --attn-lr-mult")
     p.add_argument("--attn-lr-mult", type=float, default=10.0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2, help="a CPU step of 2 x 256 tokens takes ~30 s here")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--periodic-eval-samples", type=int, default=8, help="blocks of the evaluations during training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args(argv)
     if args.threads:
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     rcfg = make_recover_config(dict(
         steps=0, max_minutes=args.minutes, lr=args.lr, attn_lr_mult=args.attn_lr_mult, batch_size=args.batch_size,
         seq_len=args.seq_len, alpha=args.alpha, temperature=args.temperature, warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every, eval_data=pipeline.eval_data, pretrain_data=pipeline.calib_data,
+        eval_every=args.eval_every, periodic_eval_samples=args.periodic_eval_samples, eval_data=pipeline.eval_data,
+        pretrain_data=pipeline.calib_data,
         checkpoint_every=0, device="cpu", wandb_mode="disabled"))
     out = Path(args.out)
     run_dir = out / "run"

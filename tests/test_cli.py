@@ -149,3 +149,19 @@ def test_shipped_configs_parse():
         if path.name.startswith(("recover", "accelerate")):
             continue  # other stages' configs are parsed by their own tests
         make_config(load_yaml(path))
+
+
+def test_compress_with_quantized_factors_and_card(tiny_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    args = base_args(tiny_dir, corpus, out)
+    args.remove("--no-evaluate")
+    assert main(args + ["--ratio", "1.5", "--method", "whiten", "--allocation", "uniform", "--quantize", "w4",
+                        "--group-size", "32", "--quantize-compensate"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["method"] == "w4"
+    assert "quantized" in report["evaluation"]
+    sizes = report["size_bytes"]
+    assert sizes["checkpoint"] < sizes["dense_bf16"]
+    card = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in card
+    assert f"{report['evaluation']['compressed']['ppl']:.2f}"[:4] in card

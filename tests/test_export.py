@@ -54,7 +54,7 @@ def test_roundtrip_every_family(family, tmp_path):
     assert family in supported()
     model = tiny_model(family)
     calib = random_blocks(8, 32)
-    cfg = make_config(dict(method="whiten", ratio=1.5, order="front-to-back", batch_size=4))
+    cfg = make_config(dict(method="whiten", ratio=1.5, order="front-to-back", batch_size=4, allocation="uniform"))
     result = compress_(model, cfg, calib, progress=False)
     assert result.linear_ratio >= 1.5
     out = export(model, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks},
@@ -71,7 +71,7 @@ def test_roundtrip_every_family(family, tmp_path):
 
 def test_export_is_atomic_on_failure(tmp_path):
     model = tiny_model()
-    cfg = make_config(dict(method="svd", ratio=1.5))
+    cfg = make_config(dict(method="svd", ratio=1.5, allocation="uniform"))
     result = compress_(model, cfg, random_blocks(4, 16), progress=False)
 
     def boom(tmp):

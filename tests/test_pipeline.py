@@ -36,7 +36,7 @@ def test_layers_are_compressed_in_the_stated_order(order, monkeypatch):
 
     real = pl._factorize_target
     monkeypatch.setattr(pl, "_factorize_target", lambda m, t, *a: (seen.append(t.layer), real(m, t, *a)))
-    compress_(model, make_config(dict(method="whiten", ratio=1.5, order=order, batch_size=4)),
+    compress_(model, make_config(dict(method="whiten", ratio=1.5, order=order, batch_size=4, allocation="uniform")),
               random_blocks(4, 16), progress=False)
     layers = list(dict.fromkeys(seen))
     assert layers == layer_order(order, 4)
@@ -58,7 +58,7 @@ def tiny_model_with_layers(n: int):
 def test_methods_compress_and_remove_their_hooks(method, order, granularity):
     model = tiny_model("olmo3")
     cfg = make_config(dict(method=method, ratio=1.6, order=order, granularity=granularity, batch_size=4,
-                           fisher_samples=2))
+                           fisher_samples=2, allocation="uniform"))
     result = compress_(model, cfg, random_blocks(8, 16), progress=False)
     assert hook_count(model.modules()) == 0
     assert result.linear_ratio >= 1.6
@@ -72,14 +72,14 @@ def test_loss_aware_beats_plain_svd_on_kl():
     kl = {}
     for method in ("svd", "whiten"):
         model = copy.deepcopy(dense)
-        compress_(model, make_config(dict(method=method, ratio=2.0, batch_size=8)), calib, progress=False)
+        compress_(model, make_config(dict(method=method, ratio=2.0, batch_size=8, allocation="uniform")), calib, progress=False)
         kl[method] = compare({"m": model}, held, reference=dense, progress=False)["m"]["kl"]
     assert kl["whiten"] < kl["svd"]
 
 
 def test_keep_dense_layers_stay_dense_and_budget_holds():
     model = tiny_model("qwen3")
-    cfg = make_config(dict(method="svd", ratio=1.3, keep_dense=[0]))
+    cfg = make_config(dict(method="svd", ratio=1.3, keep_dense=[0], allocation="uniform"))
     result = compress_(model, cfg, random_blocks(4, 16), progress=False)
     for t in find_targets(model):
         assert isinstance(model.get_submodule(t.name), FactorizedLinear) == (t.layer != 0)
@@ -88,7 +88,7 @@ def test_keep_dense_layers_stay_dense_and_budget_holds():
 
 def test_ratio_too_high_for_uniform_ranks():
     with pytest.raises(VacError, match="too high"):
-        compress_(tiny_model(), make_config(dict(method="svd", ratio=60.0)), random_blocks(2, 8), progress=False)
+        compress_(tiny_model(), make_config(dict(method="svd", ratio=60.0, allocation="uniform")), random_blocks(2, 8), progress=False)
 
 
 def test_knapsack_allocation_fits_budget_and_honours_multipliers():

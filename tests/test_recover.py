@@ -22,8 +22,8 @@ from vac.families import find_targets
 from vac.mixing import StreamCursor, distillation_mix, render_conversation, replay_mix
 from vac.pipeline import compress_
 from vac.probes import Probe, check_output, check_think, default_probes, probes_from_config, run_probes
-from vac.recover import (RecoverConfig, check_compatible, check_param_groups, distillation_loss, load_recover_yaml,
-                         main, make_optimizer, make_recover_config, param_groups, recover_)
+from vac.recover import (RecoverConfig, balance_factors, check_compatible, check_param_groups, distillation_loss,
+                         load_recover_yaml, main, make_optimizer, make_recover_config, param_groups, recover_)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,6 +111,17 @@ def test_loss_decreases_on_a_fixed_batch(data):
         opt.zero_grad()
         losses.append(loss.item() / parts["tokens"])
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_balanced_factors_keep_the_product_and_share_the_scale():
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(12, 4, generator=g) * 100  # the unweighting of a weighted SVD leaves scales this far apart
+    down = torch.randn(4, 9, generator=g) * 1e-3
+    new_up, new_down = balance_factors(up, down)
+    torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-5, atol=1e-7)
+    gram_up, gram_down = new_up.T @ new_up, new_down @ new_down.T
+    torch.testing.assert_close(gram_up, gram_down, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gram_up, torch.diag(torch.diagonal(gram_up)), rtol=0, atol=1e-4 * gram_up.abs().max())
 
 
 # --- parameter groups ----------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def _report_numbers(report) -> set[str]:
                 walk(x)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out.update({str(v), f"{v:,}", f"{v:.3f}", f"{v:.4f}", f"{v:.1f}", f"{v * 100:.2f}",
-                        f"{v / 1e3:,.1f}", f"{v / 1e6:,.1f}", f"{v / 1e9:,.2f}", f"{v:,.0f}" if isinstance(v, int) else str(v)})
+                        f"{v / 1e3:,.1f}", f"{v / 1e6:,.1f}", f"{v / 1e9:,.2f}"})
     walk(report)
     return out
 

@@ -56,7 +56,9 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
     from rich.console import Console
 
     from vac.evaluate import compare
-    from vac.export import check_out_dir, export
+    from vac.card import base_license, model_card
+    from vac.export import check_out_dir, checkpoint_bytes, export, measure_sizes
+    from vac.quantize import quantize_model_
     from vac.families import get_family
     from vac.models import load, resolve_device
     from vac.pipeline import compress_, param_count
@@ -87,20 +89,41 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
             evaluation = {"data": cfg.eval_data, "split": "eval", "seq_len": cfg.seq_len,
                           **compare({"compressed": model}, eval_blocks, reference=dense, progress=progress)}
             evaluation["tokens"] = evaluation["dense"]["tokens"]
+    compressed_params = param_count(model)
+    sizes = {}
+    if cfg.out:
+        with timer("sizes"):  # bytes on disk, measured by writing the files (then deleted)
+            sizes["dense_bf16"] = measure_sizes(dense if dense is not None else model, methods=())["bf16"]
+            f = measure_sizes(model, group_size=cfg.group_size)
+            sizes.update(factorized_bf16=f["bf16"], factorized_int8=f["int8"], factorized_w4=f["w4"])
+    quantized = None
+    if cfg.quantize != "none":
+        with timer("quantize"):
+            quantized = quantize_model_(model, cfg.quantize, cfg.group_size, calib_blocks=calib,
+                                        compensate=cfg.quantize_compensate, batch_size=cfg.batch_size,
+                                        progress=progress)
+        if cfg.evaluate:
+            with timer("evaluate"):
+                evaluation["quantized"] = compare({"q": model}, eval_blocks, reference=dense, progress=progress)["q"]
     timings = {**{f"compress/{k}": v for k, v in result.timings.items()}, **timer.stages}
     report = build_report(cfg=cfg, loaded=loaded, family=family, result=result, dense_model_params=dense_params,
-                          compressed_model_params=param_count(model), evaluation=evaluation, timings=timings)
+                          compressed_model_params=compressed_params, evaluation=evaluation, timings=timings)
+    report["license"] = base_license(cfg.model)
+    if quantized is not None:
+        report["quantization"] = {k: v for k, v in quantized["config"].items() if k != "modules"} | quantized["stats"]
     if cfg.out:
         t0 = time.perf_counter()
+        report["size_bytes"] = sizes
         vac_meta = {"version": report["vac_version"], "ranks": result.ranks, "base_model": loaded.base_model,
                     "method": cfg.method, "ratio": cfg.ratio}
 
         def extras(tmp: Path) -> None:
+            report["size_bytes"]["checkpoint"] = checkpoint_bytes(tmp)
             report["timings_s"]["export"] = time.perf_counter() - t0
             write_report(tmp, report, result)
 
         out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
-                     verify_ids=calib[:1, :64])
+                     quantized=quantized, card=lambda tmp: model_card(report), verify_ids=calib[:1, :64])
         console.print(f"wrote {out}")
     print_summary(report, console)
     return report

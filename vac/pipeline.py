@@ -82,6 +82,8 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     need_grads = method.needs_output_grads or method.needs_fisher or cfg.allocation == "knapsack"
     timings = result.timings
+    budget = result.dense_target_params / cfg.ratio - sum(t.dense_params for t in all_targets if t not in targets)
+    _check_feasible(targets, budget, cfg)  # before any expensive statistics
 
     # 1. gradient statistics from the dense model (once)
     G: dict[str, torch.Tensor] = {}
@@ -105,9 +107,6 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
 
     # 2. ranks
     t0 = time.perf_counter()
-    budget = result.dense_target_params / cfg.ratio - sum(t.dense_params for t in all_targets if t not in targets)
-    if budget <= 0:
-        raise VacError(f"--keep-dense {cfg.keep_dense} alone exceeds the budget of ratio {cfg.ratio}")
     if cfg.allocation == "uniform":
         eff_ratio = sum(t.dense_params for t in targets) / budget
         result.ranks.update(uniform_ranks(targets, eff_ratio))
@@ -172,6 +171,21 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
     timings["factorize"] = time.perf_counter() - t0
     _check_plan(result, cfg)
     return result
+
+
+def _check_feasible(targets: list[Target], budget: float, cfg: CompressConfig) -> None:
+    """The smallest factorization the allocation can choose must fit the budget."""
+    if budget <= 0:
+        raise VacError(f"--ratio {cfg.ratio} is too high: the layers kept dense by --keep-dense {cfg.keep_dense} "
+                       "alone exceed the budget")
+    min_rank = 1 if cfg.allocation == "uniform" else cfg.rank_grid
+    smallest = sum(factorized_params(t.out_features, t.in_features, min(min_rank, t.out_features, t.in_features))
+                   for t in targets)
+    if smallest > budget:
+        dense = sum(t.dense_params for t in targets)
+        raise VacError(f"--ratio {cfg.ratio} is too high: even rank {min_rank} everywhere needs {smallest:,} "
+                       f"parameters, more than the budget of {int(budget):,}; the largest reachable ratio is "
+                       f"about {dense / smallest:.1f}")
 
 
 def _factorize_target(model, t: Target, rank: int, stats: TargetStats, method, cfg, result) -> None:

@@ -289,8 +289,9 @@ METHODS = ("int8", "w4")
 
 def factorized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every FactorizedLinear-like module (``up`` and ``down`` nn.Linear children), by full name."""
+    linear = torch.nn.Linear
     return {name: m for name, m in model.named_modules()
-            if isinstance(getattr(m, "up", None), torch.nn.Linear) and isinstance(getattr(m, "down", None), torch.nn.Linear)}
+            if isinstance(getattr(m, "up", None), linear) and isinstance(getattr(m, "down", None), linear)}
 
 
 def _relative_output_error(up, down, up_q, down_q, C: torch.Tensor | None) -> float:

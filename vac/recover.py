@@ -60,7 +60,8 @@ class RecoverConfig:
     steps: int = _f(200, "optimizer steps of distillation; 0 with --max-minutes: as many as the time budget allows")
     max_minutes: float = _f(0.0, "time budget of the distillation stage in minutes (0 = none); the cosine "
                             "schedule is fitted to the budget from the speed of the first steps")
-    lr: float = _f(1e-4, "peak learning rate of the MLP factors (and of norms/embeddings when trained)")
+    lr: float = _f(3e-5, "peak learning rate of the MLP factors (and of norms/embeddings when trained); factor "
+                   "entries are small and every step moves all of them, so keep it well below dense fine-tuning")
     attn_lr_mult: float = _f(10.0, "attention factors train at this multiple of --lr (the seed found 10x)")
     warmup_steps: int = _f(20, "linear warm-up steps before the cosine decay")
     min_lr_ratio: float = _f(0.1, "the cosine decays to this fraction of the peak learning rate")
@@ -78,6 +79,8 @@ class RecoverConfig:
     optimizer: str = _f("auto", "auto (8-bit AdamW via bitsandbytes on GPU when installed, else AdamW) | "
                         "adamw | adamw8bit")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (7B+ on one GPU)")
+    balance_factors: bool = _f(True, "before training, re-split every up @ down so that both factors carry the "
+                               "same scale (same product); see balance_factors in vac/recover.py")
     # --- data ---------------------------------------------------------------------------------------------
     pretrain_data: str = _f("bundled", "pre-training text: 'bundled' (offline), a .txt/.jsonl/.parquet file or "
                             "folder, or an HF dataset id streamed with datasets; for OLMo 3 use "
@@ -90,6 +93,8 @@ class RecoverConfig:
                         "when it is also a training source")
     eval_samples: int = _f(32, "evaluation sequences (of --seq-len tokens)")
     eval_every: int = _f(50, "evaluate (PPL, KL, top-1) every this many steps (0 = only before and after)")
+    periodic_eval_samples: int = _f(0, "evaluation sequences used by the evaluations during training (0 = all; "
+                                    "before and after always use all)")
     # --- post-training replay -------------------------------------------------------------------------
     sft_steps: int = _f(0, "steps of supervised replay on --chat-data after distillation (loss on assistant "
                         "tokens only; 0 = no replay)")
@@ -111,7 +116,8 @@ class RecoverConfig:
         for name in ("batch_size", "grad_accum", "seq_len"):
             if int(getattr(self, name)) < 1:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "eval_samples", "eval_every", "sft_steps", "checkpoint_every"):
+        for name in ("steps", "warmup_steps", "eval_samples", "eval_every", "periodic_eval_samples", "sft_steps",
+                     "checkpoint_every"):
             if int(getattr(self, name)) < 0:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.steps == 0 and self.max_minutes <= 0:
@@ -148,7 +154,8 @@ class RecoverConfig:
 
 
 #: options that may change when a run is resumed: they do not alter the training trajectory
-RESUMABLE_CHANGES = frozenset({"max_minutes", "eval_every", "eval_samples", "checkpoint_every", "run_probes",
+RESUMABLE_CHANGES = frozenset({"max_minutes", "eval_every", "eval_samples", "periodic_eval_samples",
+                               "checkpoint_every", "run_probes",
                                "probes", "wandb_project", "wandb_mode", "device", "mixed_precision"})
 
 
@@ -295,6 +302,43 @@ def check_param_groups(model: nn.Module, groups: list[dict]) -> None:
     if missing or frozen:
         raise AssertionError(f"optimizer groups disagree with requires_grad: trainable but in no group "
                              f"{missing[:5]}, in a group but frozen {frozen[:5]}")
+
+
+@torch.no_grad()
+def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product ``up @ down``, re-split so that ``upᵀ up = down downᵀ = Σ`` (diagonal).
+
+    Why: the weighted SVDs unweight their factors (``up = Lo⁻¹ U √S``, ``down = √S Vᵀ Li⁻¹``),
+    so with large activations one factor ends up orders of magnitude smaller than the other
+    (on SmolLM2 at 1.8x, ``down`` entries ~1e-3 against ``up`` entries ~1). Adam moves every
+    entry by about the learning rate whatever its scale, so its very first steps wreck the
+    small factor: one step at lr 1e-5 tripled the perplexity. The balanced split makes one
+    learning rate fit both factors. Exact up to rounding: QR of both factors, SVD of the r x r core.
+    """
+    dtype = up.dtype
+    q1, r1 = torch.linalg.qr(up.double())
+    q2, r2 = torch.linalg.qr(down.double().T)
+    u, sv, vh = torch.linalg.svd(r1 @ r2.T)
+    root = sv.sqrt()
+    return ((q1 @ u) * root).to(dtype), (root[:, None] * (vh @ q2.T)).to(dtype)
+
+
+@torch.no_grad()
+def balance_factors_(model: nn.Module) -> int:
+    """Balance every factorized target of ``model`` in place (any module with ``up``/``down`` linears)."""
+    from vac.families import find_targets
+
+    n = 0
+    for t in find_targets(model):
+        module = model.get_submodule(t.name)
+        up, down = getattr(module, "up", None), getattr(module, "down", None)
+        if up is None or down is None:
+            continue
+        new_up, new_down = balance_factors(up.weight, down.weight)
+        up.weight.copy_(new_up)
+        down.weight.copy_(new_down)
+        n += 1
+    return n
 
 
 def make_optimizer(groups: list[dict], rcfg: RecoverConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -726,6 +770,8 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
         log.info("recovery config: %s", json.dumps(rcfg.to_dict()))
 
     # --- model and first optimizer go through accelerate together (FSDP2 shards both at once) ---
+    if rcfg.balance_factors:  # (a resumed run overwrites the factors from its checkpoint right after)
+        balance_factors_(student)
     teacher.eval().requires_grad_(False)
     teacher.to(acc.device)
     if rcfg.gradient_checkpointing:
@@ -742,12 +788,13 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     stop = StopRequest()
     interrupted, after = False, None
 
-    def eval_row(stage_name: str, step: int, global_step: int) -> dict:
+    def eval_row(stage_name: str, step: int, global_step: int, periodic: bool = False) -> dict:
         t0 = time.perf_counter()
-        res = _evaluate(acc, model, teacher, eval_blocks, rcfg.batch_size, progress and main)
+        blocks = eval_blocks[: rcfg.periodic_eval_samples] if periodic and rcfg.periodic_eval_samples else eval_blocks
+        res = _evaluate(acc, model, teacher, blocks, rcfg.batch_size, progress and main)
         timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t0
         row = {"stage": stage_name, "step": step, "global_step": global_step, "dense_ppl": res["dense"]["ppl"],
-               **{k: res["student"][k] for k in ("ppl", "kl", "top1")}}
+               "blocks": int(blocks.shape[0]), **{k: res["student"][k] for k in ("ppl", "kl", "top1")}}
         history["eval"].append(row)
         tracker.log({f"eval/{k}": row[k] for k in ("ppl", "kl", "top1")}, step=global_step)
         if main:
@@ -760,7 +807,8 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
             t_eval = 0.0
             if state["before"] is None and eval_blocks is not None:
                 state["before"] = eval_row("before", 0, 0)
-                t_eval = timings["evaluate"]
+                n_periodic = rcfg.periodic_eval_samples or len(eval_blocks)
+                t_eval = timings["evaluate"] * min(1.0, n_periodic / len(eval_blocks))  # for a time budget
             if rcfg.run_probes and not state["probes"]:
                 state["probes"] = {"teacher": _probe(acc, teacher, tokenizer, probes),
                                    "before": _probe(acc, model, tokenizer, probes)}
@@ -873,7 +921,7 @@ def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, mix, optimizer, r
             bar.total = lam.total
             log.info("time budget %.1f min at %.2f s/step: %d steps", stage.minutes, per_step, lam.total)
         if rcfg.eval_every and has_eval and step % rcfg.eval_every == 0 and step < lam.total:
-            eval_row(stage.name, step, gstep)
+            eval_row(stage.name, step, gstep, periodic=True)
         if on_step is not None:
             on_step(stage.name, step)
         stopping = stop.requested(acc)
@@ -1096,4 +1144,5 @@ if __name__ == "__main__":
 
 __all__ = ["RecoverConfig", "recover_", "make_recover_config", "load_recover_yaml", "distillation_loss",
            "classify_parameters", "param_groups", "check_param_groups", "make_optimizer", "WarmupCosine",
+           "balance_factors", "balance_factors_",
            "check_compatible", "plot_history", "load_student", "main"]

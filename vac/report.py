@@ -54,7 +54,7 @@ def write_report(directory: Path, report: dict, result=None) -> None:
 
 def quality_rows(report: dict) -> list[tuple[str, dict]]:
     ev = report.get("evaluation") or {}
-    return [(k, ev[k]) for k in ("dense", "compressed", "recovered") if ev.get(k)]
+    return [(k, ev[k]) for k in ("dense", "compressed", "recovered", "quantized") if ev.get(k)]
 
 
 def report_markdown(report: dict) -> str:
@@ -147,8 +147,8 @@ def print_summary(report: dict, console=None) -> None:
         table.add_column(c, justify="right")
     rows = dict(quality_rows(report))
     table.add_row("dense", f"{p['dense_model']:,}", "1.000", _fmt(rows.get("dense"), "ppl", "{:.3f}"), "–", "–")
-    for name in ("compressed", "recovered"):
-        if name == "recovered" and name not in rows:
+    for name in ("compressed", "recovered", "quantized"):
+        if name != "compressed" and name not in rows:
             continue
         m = rows.get(name)
         table.add_row(name, f"{p['compressed_model']:,}", f"{r['achieved_linear']:.3f}", _fmt(m, "ppl", "{:.3f}"),
