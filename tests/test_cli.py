@@ -165,3 +165,13 @@ def test_compress_with_quantized_factors_and_card(tiny_dir, corpus, tmp_path):
     card = (out / "README.md").read_text()
     assert "trust_remote_code=True" in card
     assert f"{report['evaluation']['compressed']['ppl']:.2f}"[:4] in card
+
+
+def test_compress_then_recover(tiny_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    args = base_args(tiny_dir, corpus, out)
+    args.remove("--no-evaluate")
+    assert main(args + ["--ratio", "1.5", "--method", "whiten", "--allocation", "uniform", "--recover-steps", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["steps"]
+    assert report["evaluation"]["recovered"]["ppl"] > 0

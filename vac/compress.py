@@ -79,7 +79,8 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
                   f"calibration {tuple(calib.shape)}, evaluation {None if eval_blocks is None else tuple(eval_blocks.shape)}")
     console.print({k: v for k, v in cfg.to_dict().items()})
     dense_params = param_count(model)
-    dense = copy.deepcopy(model) if cfg.evaluate else None
+    recovering = cfg.recover_steps > 0 or cfg.recover_minutes > 0
+    dense = copy.deepcopy(model) if cfg.evaluate or recovering else None
 
     with timer("compress"):
         result = compress_(model, cfg, calib, progress=progress)
@@ -89,6 +90,20 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
             evaluation = {"data": cfg.eval_data, "split": "eval", "seq_len": cfg.seq_len,
                           **compare({"compressed": model}, eval_blocks, reference=dense, progress=progress)}
             evaluation["tokens"] = evaluation["dense"]["tokens"]
+    recovery = None
+    if recovering:
+        from vac.recover import load_recover_yaml, make_recover_config, recover_
+
+        values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
+                  "eval_samples": cfg.eval_samples, "seed": cfg.seed}
+        values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
+        values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
+        rcfg = make_recover_config(values)
+        run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
+        with timer("recover"):
+            recovery = recover_(model, dense, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir, progress=progress)
+        if cfg.evaluate:
+            evaluation["recovered"] = recovery["after"]["student"]
     compressed_params = param_count(model)
     sizes = {}
     if cfg.out:
@@ -109,6 +124,9 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
     report = build_report(cfg=cfg, loaded=loaded, family=family, result=result, dense_model_params=dense_params,
                           compressed_model_params=compressed_params, evaluation=evaluation, timings=timings)
     report["license"] = base_license(cfg.model)
+    if recovery is not None:
+        report["recovery"] = {k: recovery[k] for k in ("config", "steps", "tokens", "probes", "timings_s")
+                              if k in recovery}
     if quantized is not None:
         report["quantization"] = {k: v for k, v in quantized["config"].items() if k != "modules"} | quantized["stats"]
     if cfg.out:

@@ -71,6 +71,9 @@ class CompressConfig:
     seed: int = _f(0, "random seed (data sampling)")
     # --- after factorization ----------------------------------------------------------------------
     recover_steps: int = _f(0, "knowledge-distillation steps after compression (0 = none)")
+    recover_minutes: float = _f(0.0, "time budget for distillation in minutes (0 = none; with --recover-steps 0 "
+                                "it trains until the budget is spent)")
+    recover_config: str | None = _f(None, "YAML of recovery options (see configs/recover-default.yaml)")
     quantize: str = _f("none", "quantize the factors: none | int8 | w4")
     group_size: int = _f(128, "w4 group size along the input dimension (32, 64 or 128)")
     quantize_compensate: bool = _f(False, "after quantizing each down factor, refit up on the calibration "
