@@ -2,7 +2,7 @@
 
     python experiments/bench_recover.py                       # compress (default pipeline), distil 20 min
     python experiments/bench_recover.py --student DIR         # reuse a checkpoint from python -m vac.compress
-    python experiments/bench_recover.py --minutes 2 --quick   # a smoke run (fewer evaluation blocks)
+    python experiments/bench_recover.py --minutes 2 --quick   # a smoke run (8 evaluation blocks)
 
 The student comes from the default pipeline (``python -m vac.compress`` with ``--ratio 1.8``,
 everything else default) and is cached in ``--work`` (an exported checkpoint, so later runs
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
@@ -37,23 +38,41 @@ from vac.recover import make_recover_config, recover_  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+#: options of the compression that do not change the compressed model
+NOT_KEY = {"out", "overwrite", "evaluate", "eval_samples", "eval_data", "device", "recover_steps"}
+
+
+def pipeline_key(cfg) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_KEY and not k.startswith("recover")}
+
+
 def student_checkpoint(args, teacher, tok, calib) -> Path:
-    """The 1.8x student from the default pipeline, exported once into --work and reused."""
+    """The student from the default pipeline at --ratio, exported into --work once and reused
+    while the pipeline's defaults stay the same (``bench_pipeline.json`` holds them)."""
     from vac.export import export
     from vac.pipeline import compress_
 
-    directory = Path(args.student) if args.student else Path(args.work) / f"smollm2-{args.ratio}x"
-    if (directory / "config.json").is_file():
-        return directory
     if args.student:
-        raise SystemExit(f"--student {directory} has no config.json")
+        directory = Path(args.student)
+        if not (directory / "config.json").is_file():
+            raise SystemExit(f"--student {directory} has no config.json")
+        return directory
     cfg = make_config({"ratio": args.ratio})
+    directory = Path(args.work) / f"smollm2-{args.ratio}x"
+    stamp = directory / "bench_pipeline.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(pipeline_key(cfg))):
+        return directory
     model = copy.deepcopy(teacher)
     t0 = time.perf_counter()
     result = compress_(model, cfg, calib, progress=True)
     print(f"compressed at {cfg.ratio}x ({cfg.method}, {cfg.order}) in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def extras(tmp: Path) -> None:
+        (tmp / "bench_pipeline.json").write_text(json.dumps(pipeline_key(cfg), indent=1))
+
     export(model, tok, directory, vac_meta={"ranks": result.ranks, "method": cfg.method, "ratio": cfg.ratio,
-                                            "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, overwrite=True)
+                                            "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+           overwrite=True, write_extras=extras)
     return directory
 
 
@@ -76,7 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--periodic-eval-samples", type=int, default=8, help="blocks of the evaluations during training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                   help="bf16 autocast (CPUs with AMX/AVX512-bf16 run matmuls faster in bf16)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -97,7 +119,7 @@ def main(argv=None) -> int:
         seq_len=args.seq_len, alpha=args.alpha, temperature=args.temperature, warmup_steps=args.warmup_steps,
         eval_every=args.eval_every, periodic_eval_samples=args.periodic_eval_samples, eval_data=pipeline.eval_data,
         pretrain_data=pipeline.calib_data,
-        checkpoint_every=0, device="cpu", wandb_mode="disabled"))
+        checkpoint_every=0, device="cpu", mixed_precision=args.mixed_precision, wandb_mode="disabled"))
     out = Path(args.out)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,18 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
         values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
         values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
         rcfg = make_recover_config(values)
+        # checkpoints live beside --out (not inside: the export is written atomically at the end);
+        # an interrupted run resumes from them unless --overwrite asks for a fresh start
         run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
+        if run_dir is not None and cfg.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
         with timer("recover"):
-            recovery = recover_(model, dense, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir, progress=progress)
+            recovery = recover_(model, dense, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
+                                progress=progress, resume=resume)
+        if recovery.get("interrupted"):
+            raise VacError(f"recovery was interrupted ({recovery.get('signal')}); nothing was exported. Run the "
+                           "same command again to resume from the checkpoint in " + str(run_dir))
         if cfg.evaluate:
             evaluation["recovered"] = recovery["after"]["student"]
     compressed_params = param_count(model)
@@ -125,8 +135,8 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
                           compressed_model_params=compressed_params, evaluation=evaluation, timings=timings)
     report["license"] = base_license(cfg.model)
     if recovery is not None:
-        report["recovery"] = {k: recovery[k] for k in ("config", "steps", "tokens", "probes", "timings_s")
-                              if k in recovery}
+        report["recovery"] = {k: recovery[k] for k in ("config", "steps", "tokens", "probes", "before", "after",
+                                                      "history", "timings_s") if k in recovery}
     if quantized is not None:
         report["quantization"] = {k: v for k, v in quantized["config"].items() if k != "modules"} | quantized["stats"]
     if cfg.out:
@@ -137,6 +147,8 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
 
         def extras(tmp: Path) -> None:
             report["size_bytes"]["checkpoint"] = checkpoint_bytes(tmp)
+            if recovery is not None and recovery.get("plot") and Path(recovery["plot"]).is_file():
+                shutil.copy2(recovery["plot"], tmp / "recover_curves.png")
             report["timings_s"]["export"] = time.perf_counter() - t0
             write_report(tmp, report, result)
 
