@@ -31,7 +31,7 @@ ATOL_FP32 = 1e-5
 def _factorized(ratio=1.5, family="llama"):
     model = tiny_model(family)
     calib = random_blocks(8, 32)
-    result = compress_(model, make_config(dict(method="whiten", ratio=ratio, batch_size=4)), calib, progress=False)
+    result = compress_(model, make_config(dict(method="whiten", ratio=ratio, batch_size=4, allocation="uniform")), calib, progress=False)
     return model, calib, result
 
 
@@ -93,7 +93,7 @@ def test_w4_factor_bytes_under_30_percent_of_bf16(tmp_path):
                          num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     calib = random_blocks(4, 32)
-    result = compress_(model, make_config(dict(method="whiten", ratio=1.5, batch_size=4)), calib, progress=False)
+    result = compress_(model, make_config(dict(method="whiten", ratio=1.5, batch_size=4, allocation="uniform")), calib, progress=False)
     q = quantize_model_(model, "w4", group_size=64, progress=False)
     out = export(model, tiny_tokenizer(), tmp_path / "w4", vac_meta={"ranks": result.ranks}, quantized=q,
                  dtype=torch.bfloat16, verify_ids=calib[:1])

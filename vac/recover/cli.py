@@ -1,0 +1,185 @@
+"""Command line: ``python -m vac.recover`` loads an exported student, recovers it and re-exports it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vac.errors import VacError
+from vac.recover.checkpoint import _is_fsdp
+from vac.recover.config import RecoverConfig, load_recover_yaml, make_recover_config
+from vac.recover.loop import make_accelerator, recover_
+from vac.recover.training import check_compatible
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vac.recover", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Recover a VAC-compressed checkpoint by distillation from its dense teacher, and re-export it. "
+                    "Several GPUs: `accelerate launch [--config_file configs/accelerate-fsdp-7b.yaml] -m vac.recover ...`.")
+    p.add_argument("--student", required=True, help="directory of a checkpoint exported by `python -m vac.compress`")
+    p.add_argument("--teacher", required=True, help="the dense model it was compressed from (hub id, directory, "
+                   ".gguf, or 'smollm2-135m')")
+    p.add_argument("--out", help="output directory of the recovered checkpoint (default: STUDENT-recovered)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--run-dir", help="checkpoints, curves and W&B files (default: OUT.run)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --run-dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights of the student (trained: keep float32 master weights under bf16 autocast)")
+    p.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights of the teacher (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--config", help="YAML file of recovery options (configs/recover-default.yaml); the command "
+                   "line overrides it")
+    for f in dataclasses.fields(RecoverConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + f" (default: {default})")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, (list, dict)):
+            p.add_argument(flag, type=yaml.safe_load, **kw)
+        elif isinstance(default, float):
+            p.add_argument(flag, type=float, **kw)
+        elif isinstance(default, int):
+            p.add_argument(flag, type=int, **kw)
+        else:
+            p.add_argument(flag, type=lambda s: None if s.lower() in ("none", "null", "") else s, **kw)
+    return p
+
+
+def load_student(directory: str | Path, dtype: str = "float32"):
+    """An exported VAC checkpoint (its own modeling code builds the factorized modules) + tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from vac.models import DTYPES, load_tokenizer
+
+    d = Path(directory).expanduser()
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise VacError(f"--student {d}: no config.json; point it at a directory written by `python -m vac.compress`")
+    if "vac" not in json.loads(cfg_path.read_text()):
+        raise VacError(f"--student {d} is not a VAC checkpoint (config.json has no 'vac' entry); compress it first "
+                       "with `python -m vac.compress --out DIR`")
+    tok = load_tokenizer(d)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=DTYPES[dtype])
+    except Exception as e:
+        raise VacError(f"could not load the student from {d} ({type(e).__name__}: {e})") from e
+    model.config.use_cache = False
+    return model.eval(), tok
+
+
+def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
+    from vac import __version__
+    from vac.data import token_blocks
+    from vac.export import check_out_dir, export, write_json
+    from vac.models import load
+
+    student_dir = Path(args.student).expanduser()
+    out = Path(args.out).expanduser() if args.out else student_dir.with_name(student_dir.name + "-recovered")
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else out.with_name(out.name + ".run")
+    check_out_dir(out, args.overwrite)
+    acc = make_accelerator(rcfg)
+    student, tok = load_student(student_dir, args.dtype)
+    tdtype = args.teacher_dtype
+    if tdtype == "auto":
+        tdtype = "bfloat16" if acc.device.type == "cuda" else "float32"
+    teacher_loaded = load(args.teacher, tdtype, "cpu")
+    check_compatible(student, teacher_loaded.model, tok, teacher_loaded.tokenizer)
+    eval_blocks = None
+    if rcfg.eval_samples:
+        shared = rcfg.eval_data in (rcfg.pretrain_data, rcfg.chat_data)
+        eval_blocks = token_blocks(rcfg.eval_data, tok, rcfg.eval_samples, rcfg.seq_len, split="eval",
+                                   shared=shared, seed=rcfg.seed)
+    result = recover_(student, teacher_loaded.model, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
+                      resume=args.resume, accelerator=acc)
+    if result["interrupted"]:
+        print(f"stopped by signal; checkpoint in {run_dir}. Continue with the same command plus --resume",
+              file=sys.stderr)
+        return 128 + (result["signal"] or signal.SIGINT)
+    if _is_fsdp(acc):  # gather the sharded weights into one full model on the main process
+        full = acc.get_state_dict(acc._models[0])
+        if acc.is_main_process:
+            student, _ = load_student(student_dir, args.dtype)
+            student.load_state_dict(full)
+    if not acc.is_main_process:
+        return 0
+    student.to("cpu")
+    prior = student_dir / "report.json"
+    report = json.loads(prior.read_text()) if prior.is_file() else {"vac_version": __version__,
+                                                                    "base_model": teacher_loaded.base_model}
+    report["recovery"] = {"student": str(student_dir), "teacher": args.teacher, **result}
+    if result["after"]:
+        ev = report.setdefault("evaluation", {})
+        ev.setdefault("data", rcfg.eval_data)
+        ev.setdefault("dense", result["after"]["dense"])
+        ev.setdefault("compressed", result["before"]["student"] if result["before"] else None)
+        ev["recovered"] = result["after"]["student"]
+    vac_meta = dict(student.config.vac)
+    vac_meta["recovered"] = {"teacher": args.teacher, "steps": result["steps"], "tokens": result["tokens"]}
+
+    def extras(tmp: Path) -> None:
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(_prior_markdown(student_dir) + recovery_markdown(result))
+        if result.get("plot"):
+            shutil.copy2(result["plot"], tmp / "recover_curves.png")
+
+    verify = eval_blocks[:1, :64] if eval_blocks is not None else None
+    export(student, tok, out, vac_meta=vac_meta, overwrite=args.overwrite, write_extras=extras, verify_ids=verify)
+    print(recovery_markdown(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def _prior_markdown(student_dir: Path) -> str:
+    p = student_dir / "report.md"
+    return p.read_text() + "\n" if p.is_file() else ""
+
+
+def recovery_markdown(result: dict) -> str:
+    lines = ["## Recovery", ""]
+    steps = ", ".join(f"{k} {v}" for k, v in result["steps"].items())
+    lines += [f"- steps: {steps}; tokens: {result['tokens']:,}; T = {result['config']['temperature']}, "
+              f"alpha = {result['config']['alpha']}, lr {result['config']['lr']:g} "
+              f"(attention x{result['config']['attn_lr_mult']:g})", ""]
+    if result["before"] and result["after"]:
+        b, a = result["before"], result["after"]
+        lines += ["| model | PPL | KL(dense‖model) | top-1 agreement |", "|---|---|---|---|",
+                  f"| dense | {a['dense']['ppl']:.3f} | – | – |"]
+        for name, m in (("compressed", b["student"]), ("recovered", a["student"])):
+            lines.append(f"| {name} | {m['ppl']:.3f} | {m['kl']:.4f} | {m['top1']:.2%} |")
+        lines.append("")
+    if result.get("probes"):
+        lines += ["| probe | teacher | before | after |", "|---|---|---|---|"]
+        pr = result["probes"]
+        for i, p in enumerate(pr.get("teacher", [])):
+            cells = [("pass" if pr[k][i]["passed"] else "fail") if k in pr else "–" for k in ("teacher", "before", "after")]
+            lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig) if hasattr(args, f.name)}
+    try:
+        values = load_recover_yaml(args.config) if args.config else {}
+        values.update(opts)  # the command line wins over the YAML file
+        rcfg = make_recover_config(values)
+        return run_cli(args, rcfg)
+    except VacError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
