@@ -154,10 +154,11 @@ def print_summary(report: dict, console=None) -> None:
         table.add_row(name, f"{p['compressed_model']:,}", f"{r['achieved_linear']:.3f}", _fmt(m, "ppl", "{:.3f}"),
                       _fmt(m, "kl", "{:.4f}"), _fmt(m, "top1", "{:.2%}"))
     console.print(table)
-    times = Table(title="time per stage (s)")
-    for k in report["timings_s"]:
-        times.add_column(k, justify="right")
-    times.add_row(*[f"{v:.1f}" for v in report["timings_s"].values()])
+    times = Table(title="time per stage")
+    times.add_column("stage")
+    times.add_column("seconds", justify="right")
+    for k, v in report["timings_s"].items():
+        times.add_row(k, f"{v:.1f}")
     console.print(times)
 
 
