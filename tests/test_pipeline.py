@@ -121,3 +121,24 @@ def test_knapsack_may_keep_matrices_dense():
     for t in find_targets(model):
         kept = result.ranks[t.name] is None
         assert isinstance(model.get_submodule(t.name), FactorizedLinear) != kept
+
+
+def test_one_shot_knapsack_reuses_the_allocation_covariances(monkeypatch):
+    """Caching the allocator's covariances changes nothing but the number of passes."""
+    import vac.pipeline as pl
+    import vac.sequential as sq
+
+    calls = []
+    real = sq.PairedInputStats.collect
+    monkeypatch.setattr(sq.PairedInputStats, "collect", lambda self, *a, **k: (calls.append(self.l), real(self, *a, **k))[1])
+    calib, logits = random_blocks(8, 32), []
+    for limit in (pl.COV_CACHE_BYTES, 0):
+        monkeypatch.setattr(pl, "COV_CACHE_BYTES", limit)
+        calls.clear()
+        model = tiny_model("llama", seed=4)
+        compress_(model, make_config(dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, batch_size=4,
+                                          fisher_samples=2)), calib, progress=False)
+        with torch.no_grad():
+            logits.append(model(input_ids=calib[:2]).logits)
+        assert len(calls) == (2 if limit else 4)  # 2 layers: one pass each, or two without the cache
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)

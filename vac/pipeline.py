@@ -107,11 +107,15 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
 
     # 2. ranks
     t0 = time.perf_counter()
+    cov_cache = None
     if cfg.allocation == "uniform":
         eff_ratio = sum(t.dense_params for t in targets) / budget
         result.ranks.update(uniform_ranks(targets, eff_ratio))
     else:
-        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress))
+        # one-shot factorization needs exactly the input covariances the allocator measures:
+        # keep them (within a memory cap) instead of a second pass over every layer
+        cov_cache = {} if cfg.order == "one-shot" and method.needs_inputs else None
+        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress, cov_cache))
     timings["allocation"] = time.perf_counter() - t0
 
     # 3. factorize in order
@@ -130,6 +134,11 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
             for t in layer_targets:
                 _factorize_target(model, t, result.ranks[t.name], TargetStats(G=G.get(t.name), F=F.get(t.name)),
                                   method, cfg, result)
+            continue
+        if one_shot and cov_cache and all(t.name in cov_cache for t in layer_targets):
+            for t in layer_targets:
+                s = TargetStats(C=cov_cache.pop(t.name), G=G.get(t.name), F=F.get(t.name))
+                _factorize_target(model, t, result.ranks[t.name], s, method, cfg, result)
             continue
         if one_shot:
             current, dense, cross = runner.dense_inputs(l), None, False
@@ -198,7 +207,12 @@ def _factorize_target(model, t: Target, rank: int, stats: TargetStats, method, c
     result.spectra.setdefault(t.name, f.spectrum.cpu())
 
 
-def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, result, progress) -> dict:
+#: input covariances kept between the allocation and a one-shot factorization pass, at most
+COV_CACHE_BYTES = 2 * 1024**3
+
+
+def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, result, progress,
+                    cov_cache: dict | None = None) -> dict:
     """Options per target from the tail of its K-FAC-weighted spectrum, then CP-SAT.
 
     The predicted loss of rank r is sum_{k>r} sigma_k^2 of G^1/2 W C^1/2: to second order the loss
@@ -225,12 +239,19 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
             if id(C) not in roots:
                 roots[id(C)] = fz.psd_power(fz.damped(C.to(dtype), cfg.damp), 0.5)
             right = roots[id(C)]
+            if cov_cache is not None:
+                cov_cache[t.name] = C
             spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
             tail = fz.tail_energy(spectrum)
             result.spectra[t.name] = spectrum.float().cpu()
             opts = rank_options(t.out_features, t.in_features, tail, grid=cfg.rank_grid,
                                 allow_dense=not cfg.compress_all)
             groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+        if cov_cache is not None:
+            unique = {id(c): c for c in cov_cache.values()}.values()
+            if sum(c.numel() * c.element_size() for c in unique) > COV_CACHE_BYTES:
+                cov_cache.clear()  # too big to keep: the factorization pass recomputes them
+                cov_cache = None
     dense_by = {}
     for t in targets:
         key = t.kind if use_kind else t.component
