@@ -131,11 +131,12 @@ def test_yaml_config_and_unknown_keys(tiny_dir, corpus, tmp_path, capsys):
     bad.write_text("ratio: 1.5\nratoi: 2\n")
     _fails(base_args(tiny_dir, corpus) + ["--config", str(bad)], capsys, "unknown keys", "ratoi")
     good = tmp_path / "good.yaml"
-    good.write_text("ratio: 1.5\nmethod: svd\norder: [1, 0]\n")
+    good.write_text("ratio: 1.5\nmethod: svd\norder: [1, 0]\ndamp: 1e-3\n")  # YAML reads 1e-3 as a string
     from vac.config import config_from_args
 
     cfg = config_from_args(["--config", str(good), "--method", "whiten"])
     assert (cfg.ratio, cfg.method, cfg.order) == (1.5, "whiten", [1, 0])  # the command line wins
+    assert cfg.damp == 1e-3
 
 
 def test_shipped_configs_parse():

@@ -26,10 +26,14 @@ ALLOCATIONS = ("uniform", "knapsack")
 QUANTIZATIONS = ("none", "int8", "w4")
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
+    """A config field with its --help text (mutable defaults copied per instance)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = option
 
 
 @dataclass
@@ -117,7 +121,9 @@ class CompressConfig:
         return dataclasses.asdict(self)
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, cls: type = None) -> dict:
+    """Options from a YAML file, checked against the fields of ``cls`` (default CompressConfig)."""
+    cls = cls or CompressConfig
     p = Path(path)
     if not p.is_file():
         raise VacError(f"config file {p} does not exist; see configs/ for the shipped presets")
@@ -128,11 +134,31 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise VacError(f"config file {p} must hold a mapping of option: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise VacError(f"config file {p} has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
     return data
+
+
+def coerce_numbers(cls: type, values: dict) -> dict:
+    """YAML reads 1e-4 as a string and 0 as an int: convert values of numeric fields."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        v = values.get(f.name)
+        if f.name in values and isinstance(f.default, (int, float)) and not isinstance(f.default, bool) \
+                and isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            flag = "--" + f.name.replace("_", "-")
+            try:
+                number = float(v)
+            except ValueError:
+                raise VacError(f"{flag} must be a number, got {v!r}") from None
+            if isinstance(f.default, int):
+                if number != int(number):
+                    raise VacError(f"{flag} must be an integer, got {v!r}")
+                number = int(number)
+            values[f.name] = number
+    return values
 
 
 def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParser:
@@ -183,14 +209,8 @@ def make_config(values: dict) -> CompressConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise VacError(f"unknown options {unknown}; valid: {', '.join(sorted(known))}")
-    cfg = CompressConfig(**values)
-    if isinstance(cfg.ratio, str):
-        try:
-            cfg.ratio = float(cfg.ratio)
-        except ValueError:
-            raise VacError(f"--ratio must be a number > 1, got {cfg.ratio!r}") from None
-    return cfg.validate()
+    return CompressConfig(**coerce_numbers(CompressConfig, values)).validate()
 
 
-__all__ = ["CompressConfig", "build_parser", "config_from_args", "make_config", "load_yaml",
+__all__ = ["CompressConfig", "build_parser", "config_from_args", "make_config", "load_yaml", "option", "coerce_numbers",
            "ORDERS", "GRANULARITIES", "OBJECTIVES", "ALLOCATIONS"]

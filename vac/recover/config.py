@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from vac.config import coerce_numbers, load_yaml, option
 from vac.errors import VacError
 
 OPTIMIZERS = ("auto", "adamw", "adamw8bit")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
-def _f(default, help: str):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+_f = option
 
 
 @dataclass
@@ -131,32 +127,10 @@ def make_recover_config(values: dict) -> RecoverConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise VacError(f"unknown recovery options {unknown}; valid: {', '.join(sorted(known))}")
-    for f in dataclasses.fields(RecoverConfig):  # YAML reads 1e-4 as a string, and 0 as an int
-        v = values.get(f.name)
-        if f.name in values and isinstance(f.default, (int, float)) and not isinstance(f.default, bool) \
-                and isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            try:
-                values[f.name] = type(f.default)(float(v)) if isinstance(f.default, int) else float(v)
-            except ValueError:
-                raise VacError(f"--{f.name.replace('_', '-')} must be a number, got {v!r}") from None
-            if isinstance(f.default, int) and float(v) != int(float(v)):
-                raise VacError(f"--{f.name.replace('_', '-')} must be an integer, got {v!r}")
-    return RecoverConfig(**values).validate()
+    return RecoverConfig(**coerce_numbers(RecoverConfig, values)).validate()
 
 
 def load_recover_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise VacError(f"config file {p} does not exist; see configs/recover-default.yaml")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise VacError(f"config file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise VacError(f"config file {p} must hold a mapping of option: value")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in dataclasses.fields(RecoverConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise VacError(f"config file {p} has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-    return data
+    if not Path(path).is_file():
+        raise VacError(f"config file {path} does not exist; see configs/recover-default.yaml")
+    return load_yaml(path, RecoverConfig)
