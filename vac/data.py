@@ -92,20 +92,25 @@ def bundled_documents() -> list[str]:
 # --- documents from a source -----------------------------------------------------------------
 
 
+def local_files(path: Path) -> list[Path]:
+    """The data files of a local folder (sorted) or the file itself."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    if not files:
+        raise VacError(f"data folder {path} has no {'/'.join(LOCAL_SUFFIXES)} files")
+    return files
+
+
 def iter_documents(source: str, tokenizer=None) -> Iterator[str]:
     """Yield the documents of a source as plain text (chat ``messages`` through the chat template)."""
     if source == BUNDLED:
         yield from bundled_documents()
         return
     path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
-        if not files:
-            raise VacError(f"data folder {path} has no {'/'.join(LOCAL_SUFFIXES)} files")
-        for f in files:
+    if path.exists():
+        for f in local_files(path):
             yield from _file_documents(f, tokenizer)
-    elif path.is_file():
-        yield from _file_documents(path, tokenizer)
     elif path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raise VacError(f"data source {source!r}: no such file or directory")
     else:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vac.data import BUNDLED, EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, record_text
+from vac.data import BUNDLED, EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, local_files, record_text
 from vac.errors import VacError
 
 #: The pre-training mix of OLMo 3 (Dolma 3), for real runs with network access; offline the
@@ -53,15 +53,9 @@ def local_records(source: str) -> Iterator[dict]:
             yield {"text": doc}
         return
     path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
-        if not files:
-            raise VacError(f"data folder {path} has no {'/'.join(LOCAL_SUFFIXES)} files")
-    elif path.is_file():
-        files = [path]
-    else:
+    if not path.exists():
         raise VacError(f"data source {source!r}: no such file or directory")
-    for f in files:
+    for f in local_files(path):
         yield from _file_records(f)
 
 
