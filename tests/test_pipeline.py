@@ -142,3 +142,46 @@ def test_one_shot_knapsack_reuses_the_allocation_covariances(monkeypatch):
             logits.append(model(input_ids=calib[:2]).logits)
         assert len(calls) == (2 if limit else 4)  # 2 layers: one pass each, or two without the cache
     torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+
+
+def _input_cov(model, name: str, blocks: torch.Tensor, other=None) -> torch.Tensor:
+    """sum x x^T of a linear's inputs over ``blocks`` (or sum x_other x^T with another model's)."""
+    xs = {}
+    handles = [m.get_submodule(name).register_forward_hook(lambda mod, i, o, key=key: xs.setdefault(key, []).append(
+        i[0].reshape(-1, i[0].shape[-1]).double())) for key, m in (("self", model), ("other", other)) if m is not None]
+    with torch.no_grad():
+        model(input_ids=blocks)
+        if other is not None:
+            other(input_ids=blocks)
+    for h in handles:
+        h.remove()
+    x = torch.cat(xs["self"])
+    return (torch.cat(xs["other"]).T @ x) if other is not None else x.T @ x
+
+
+def test_matrix_granularity_sees_earlier_stages_of_the_same_layer_compressed(monkeypatch):
+    """Per matrix, o_proj's statistics come from the model with this layer's q/k/v already factorized,
+    and the dense-target cross-covariance pairs them with the dense model's inputs token by token."""
+    import vac.pipeline as pl
+
+    dense = tiny_model("llama", seed=5)
+    model = copy.deepcopy(dense)
+    calib = random_blocks(4, 16)
+    checked = []
+    real = pl._factorize_target
+
+    def spy(m, t, rank, stats, *a):
+        if t.kind in ("o_proj", "down_proj") and t.layer == 1:
+            assert isinstance(m.get_submodule(t.name.replace(t.kind, "q_proj" if t.kind == "o_proj" else "gate_proj")),
+                              FactorizedLinear)
+            torch.testing.assert_close(stats.C.double(), _input_cov(m, t.name, calib), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(stats.C_cross.double(), _input_cov(m, t.name, calib, other=dense),
+                                       rtol=1e-4, atol=1e-4)
+            checked.append(t.kind)
+        return real(m, t, rank, stats, *a)
+
+    monkeypatch.setattr(pl, "_factorize_target", spy)
+    compress_(model, make_config(dict(method="whiten", ratio=1.5, order="front-to-back", granularity="matrix",
+                                      objective="dense-target", allocation="uniform", batch_size=2)),
+              calib, progress=False)
+    assert checked == ["o_proj", "down_proj"]

@@ -53,7 +53,9 @@ class CompressConfig:
     # one-shot with knapsack allocation reached 4.5x dense PPL against 14.4x for one-shot whitening.
     order: Any = _f("one-shot", "order of sequential compression: one-shot | front-to-back | "
                     "back-to-front | middle-out | a list of layer indices")
-    granularity: str = _f("layer", "unit of sequential compression: layer | matrix")
+    granularity: str = _f("layer", "unit of sequential compression: layer (statistics of the whole layer "
+                          "from one pass) | matrix (one step per shared-input stage, q/k/v, o, gate/up, down, "
+                          "so each matrix sees this layer's earlier matrices already compressed)")
     objective: str = _f("dense-target", "closed-loop objective in sequential mode: dense-target "
                         "(fit dense outputs from compressed inputs) | compressed-input (fit W X~)")
     allocation: str = _f("knapsack", "rank allocation: knapsack (ranks traded across matrices by predicted "

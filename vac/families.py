@@ -28,6 +28,21 @@ class Family:
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     #: never factorized (documented here, and checked: none of these may be a target)
     never: tuple[str, ...] = ("model.embed_tokens", "lm_head", "norm", "q_norm", "k_norm")
+    #: the targets in the order a token flows through the layer, grouped by shared input: the
+    #: linears of one stage read the very same tensor, so compressing one of them cannot change
+    #: what the others see, and per-matrix sequential compression may treat a stage as one step
+    stages: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                           ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
+                                           ("mlp.down_proj",))
+
+    def __post_init__(self):
+        staged = [p for stage in self.stages for p in stage]
+        if sorted(staged) != sorted(self.attention + self.mlp):
+            raise ValueError(f"{self.model_type}: stages {self.stages} must list every target exactly once")
+
+    def stage_of(self, sub: str) -> int:
+        """Index of the stage (shared-input group) of a target's sub-module path."""
+        return next(i for i, stage in enumerate(self.stages) if sub in stage)
 
     def components(self) -> dict[str, str]:
         """Sub-module path inside a decoder layer -> component name."""

@@ -149,7 +149,11 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
         prefix = f"{family.layers_path}.{l}."
         # one-shot statistics all come from the dense model, so granularity makes no difference there
         per_matrix = cfg.granularity == "matrix" and not one_shot
-        groups = [[t] for t in layer_targets] if per_matrix else [layer_targets]
+        if per_matrix:  # one step per shared-input stage: q/k/v (and gate/up) see the same inputs
+            stage = {t.name: family.stage_of(t.name[len(prefix):]) for t in layer_targets}
+            groups = [[t for t in layer_targets if stage[t.name] == i] for i in sorted(set(stage.values()))]
+        else:
+            groups = [layer_targets]
         for group in groups:
             stats_in = None
             if method.needs_inputs:
