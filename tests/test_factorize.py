@@ -8,6 +8,7 @@ import torch
 from vac.factorize import (
     DEFAULT_DAMP,
     Factorization,
+    SymEig,
     dense_target_factorize,
     fisher_factorize,
     fisher_scales,
@@ -153,6 +154,18 @@ def test_kfac_output_weight_helps_weighted_error():
 
     kf = kfac_factorize(W, C, G, 3, out_exponent=0.5, in_exponent=0.5, damp=0.0)
     assert weighted_err(kf) < weighted_err(whitened_factorize(W, C, 3, damp=0.0))
+
+
+def test_decomposed_G_gives_the_same_factors_and_checks_damping():
+    W, X = randn(10, 8), correlated_inputs(8, 60, cond=1e2)
+    Gm = correlated_inputs(10, 60, seed=7, cond=1e2)
+    C, G = X @ X.T, Gm @ Gm.T
+    plain = kfac_factorize(W, C, G, 3, out_exponent=0.25, damp=0.05)
+    eig = kfac_factorize(W, C, SymEig(G, 0.05), 3, out_exponent=0.25, damp=0.05)
+    torch.testing.assert_close(product(eig), product(plain))
+    torch.testing.assert_close(SymEig(G, 0.0).power(0.5), psd_power(G, 0.5))
+    with pytest.raises(ValueError, match="damp"):
+        kfac_factorize(W, C, SymEig(G, 0.05), 3, damp=0.01)
 
 
 def test_kfac_shape_mismatch_raises():

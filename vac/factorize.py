@@ -84,6 +84,29 @@ def psd_powers(C: torch.Tensor, *powers: float, eps: float = 1e-12) -> list[torc
     return [(evecs * evals.pow(p)) @ evecs.T for p in powers]
 
 
+class SymEig:
+    """The eigendecomposition of a damped symmetric PSD matrix, kept to take several powers of it.
+
+    The pipeline decomposes each output-gradient covariance G once and hands this to both the
+    allocator (G^1/2) and the factorization (G^a, G^-a) instead of decomposing G twice.
+    """
+
+    def __init__(self, M: torch.Tensor, damp: float = DEFAULT_DAMP, eps: float = 1e-12):
+        dtype = compute_dtype(M.device)
+        C = damped(M.to(dtype), damp)
+        evals, evecs = torch.linalg.eigh(C)
+        self.evals = evals.clamp_min(evals.max().clamp_min(0) * eps + torch.finfo(dtype).tiny)
+        self.evecs = evecs
+        self.damp = damp
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.evecs.shape
+
+    def power(self, p: float) -> torch.Tensor:
+        return (self.evecs * self.evals.pow(p)) @ self.evecs.T
+
+
 def sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A square root L of C (C = L L^T) and its inverse: Cholesky, or eigen-root when C is not PD."""
     L, info = torch.linalg.cholesky_ex(C)
@@ -148,6 +171,10 @@ def _side_weight(M: torch.Tensor | None, exponent: float, damp: float,
     """
     if M is None or exponent == 0:
         return None, None
+    if isinstance(M, SymEig):
+        if M.damp != damp:
+            raise ValueError(f"G was decomposed with damp={M.damp}, asked for damp={damp}")
+        return M.power(exponent).to(dtype), M.power(-exponent).to(dtype)
     M = M.to(dtype)
     if M.dim() == 1:
         d = M.clamp_min(0)

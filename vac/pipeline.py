@@ -94,8 +94,11 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
         want_g = method.needs_output_grads or cfg.allocation == "knapsack"
         stats = collect_gradient_stats(model, modules, blocks, output_cov=want_g, fisher=method.needs_fisher,
                                        progress=progress)
-        G = stats.G
         F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
+        # decomposed once: the allocator takes G^1/2, the factorization G^a and G^-a
+        for name in list(stats.G):
+            G[name] = fz.SymEig(stats.G.pop(name), cfg.damp)
+        del stats
         timings["gradient_stats"] = time.perf_counter() - t0
 
     # hidden states are needed only by methods that read layer inputs (and by the allocator)
@@ -165,7 +168,8 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
                                             cross=cross_here)
                 unchanged = one_shot or not any(k < l for k in runner.changed)
                 dense_out = stats_in.collect(current, dense if dense is not None else runner.dense_inputs(l),
-                                             current_is_dense=unchanged and group is groups[0])
+                                             current_is_dense=unchanged and group is groups[0],
+                                             want_dense_out=group is groups[0])
                 if group is groups[0]:
                     runner.offer_dense(l + 1, dense_out)
             # dense[l+1] must exist before layer l changes: later steps may start from it
@@ -238,7 +242,7 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
         for t in by_layer[l]:
             W = runner.layers[l].get_submodule(t.name[len(prefix):]).weight.detach()
             dtype = fz.compute_dtype(W.device)
-            left = fz.psd_power(fz.damped(G[t.name].to(dtype), cfg.damp), 0.5)
+            left = G[t.name].power(0.5).to(dtype)
             C = stats.C[t.name]
             if id(C) not in roots:
                 roots[id(C)] = fz.psd_power(fz.damped(C.to(dtype), cfg.damp), 0.5)

@@ -159,22 +159,29 @@ class PairedInputStats:
 
     @torch.no_grad()
     def collect(self, current_inputs: list[torch.Tensor], dense_inputs: list[torch.Tensor] | None,
-                current_is_dense: bool = False) -> list[torch.Tensor] | None:
+                current_is_dense: bool = False, want_dense_out: bool = True) -> list[torch.Tensor] | None:
         """Accumulate the statistics; returns the dense layer's outputs when this pass computed them
         (with cross statistics, or when the current layer and inputs are still the dense ones), so the
-        caller can cache them as the dense inputs of the next layer instead of recomputing them."""
+        caller can cache them as the dense inputs of the next layer instead of recomputing them.
+
+        A pass whose layer output nobody needs stops as soon as the last hooked linear has seen its
+        input (``want_dense_out=False`` lets the dense pass stop too): for the q/k/v or o stage of a
+        per-matrix step that skips the MLP entirely.
+        """
         runner, l = self.runner, self.l
         dense_out: list[torch.Tensor] = []
         cur_layer, dense_layer = runner.layers[l], runner.dense_layer(l)
         stash: dict[str, torch.Tensor] = {}
         handles = []
+        want_current_out = current_is_dense and not self.cross and want_dense_out
         try:
             if self.cross:
                 for name, sub in self.names.items():
                     handles.append(dense_layer.get_submodule(sub).register_forward_hook(
-                        self._stash_hook(name, stash)))
+                        self._stash_hook(name, stash, stop=not want_dense_out)))
             for name, sub in self.names.items():
-                handles.append(cur_layer.get_submodule(sub).register_forward_hook(self._acc_hook(name, stash)))
+                handles.append(cur_layer.get_submodule(sub).register_forward_hook(
+                    self._acc_hook(name, stash, stop=not want_current_out)))
             # With cross statistics, run the dense layer first on each batch so the stash holds the
             # matching dense inputs when the current layer's hooks fire. The dense layer's hooks
             # must not fire during the current pass (they are different modules unless the layer
@@ -182,11 +189,12 @@ class PairedInputStats:
             for b, h in enumerate(current_inputs):
                 if self.cross:
                     self._stash_mode = True
-                    y = _as_tensor(dense_layer(dense_inputs[b].to(runner.device), *runner.args[b], **runner.kwargs[b]))
-                    dense_out.append(y.to(runner.storage))
+                    y = self._run(dense_layer, dense_inputs[b], b)
+                    if want_dense_out:
+                        dense_out.append(y.to(runner.storage))
                     self._stash_mode = False
-                y = _as_tensor(cur_layer(h.to(runner.device), *runner.args[b], **runner.kwargs[b]))
-                if current_is_dense and not self.cross:
+                y = self._run(cur_layer, h, b)
+                if want_current_out:
                     dense_out.append(y.to(runner.storage))
                 stash.clear()
                 self._batch_seen.clear()
@@ -203,13 +211,28 @@ class PairedInputStats:
 
     _stash_mode = False
 
-    def _stash_hook(self, name, stash):
+    def _run(self, layer: nn.Module, h: torch.Tensor, b: int) -> torch.Tensor | None:
+        """One batch through ``layer``; None when a hook stopped it early."""
+        runner = self.runner
+        self._fired = 0
+        try:
+            return _as_tensor(layer(h.to(runner.device), *runner.args[b], **runner.kwargs[b]))
+        except _Stop:
+            return None
+
+    def _maybe_stop(self, stop: bool) -> None:
+        self._fired += 1
+        if stop and self._fired == len(self.names):
+            raise _Stop
+
+    def _stash_hook(self, name, stash, stop: bool):
         def hook(module, inputs, output):
             if self._stash_mode:
                 stash[name] = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                self._maybe_stop(stop)
         return hook
 
-    def _acc_hook(self, name, stash):
+    def _acc_hook(self, name, stash, stop: bool):
         def hook(module, inputs, output):
             if self._stash_mode:
                 return  # the dense layer is this same module (layer not yet modified)
@@ -217,12 +240,13 @@ class PairedInputStats:
             seen = self._batch_seen.get(id(inputs[0]))
             if seen is not None and seen[1] is inputs[0]:
                 self._alias[name] = seen[0]
-                return
-            self._batch_seen[id(inputs[0])] = (name, inputs[0])
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            _add(self.C, name, x.T @ x)
-            if self.cross:
-                _add(self.C_cross, name, stash[name].T @ x)
+            else:
+                self._batch_seen[id(inputs[0])] = (name, inputs[0])
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+                _add(self.C, name, x.T @ x)
+                if self.cross:
+                    _add(self.C_cross, name, stash[name].T @ x)
+            self._maybe_stop(stop)
         return hook
 
 
