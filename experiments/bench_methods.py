@@ -28,12 +28,20 @@ from vac.models import load
 from vac.pipeline import compress_
 
 GRIDS = {
-    "foundation": [f"{m}:one-shot:{r}" for r in (1.25, 1.5, 1.8, 2.0) for m in ("svd", "whiten")],
-    "core": ["svd:one-shot:1.8", "whiten:one-shot:1.8", "fisher(e=0.3333):one-shot:1.8",
-             "fisher(e=0.5):one-shot:1.8", "kfac:one-shot:1.8",
-             "whiten:front-to-back:1.8", "kfac:front-to-back:1.8", "kfac:back-to-front:1.8",
-             "kfac:middle-out:1.8"],
-    "ratios": [f"{spec}:{r}" for r in (1.25, 1.5, 2.0) for spec in ("whiten:one-shot", "kfac:front-to-back")],
+    # rows without allocation=... use the pipeline's default (knapsack); method defaults as in vac.config
+    "foundation": [f"{m}:one-shot:{r}:allocation=uniform" for r in (1.25, 1.5, 1.8, 2.0) for m in ("svd", "whiten")],
+    "core": ["whiten:one-shot:1.8:allocation=uniform",          # SVD-LLM's truncation-aware whitening
+             "kfac:one-shot:1.8",                                # K-FAC weights + knapsack, no closed loop
+             "kfac:front-to-back:1.8",                           # the default pipeline
+             "kfac:front-to-back:1.8:objective=compressed-input",
+             "whiten:front-to-back:1.8:allocation=uniform"],
+    # the seed's lessons: orders, Fisher exponents, attention vs MLP budgets
+    "seed": ["kfac:back-to-front:1.8", "kfac:middle-out:1.8",
+             "fisher(e=0.3333):one-shot:1.8:allocation=uniform", "fisher(e=0.5):one-shot:1.8:allocation=uniform",
+             "fisher(e=1):one-shot:1.8:allocation=uniform",
+             "kfac:front-to-back:1.8:multipliers.attention=0.8", "kfac:front-to-back:1.8:multipliers.mlp=0.8"],
+    "ratios": [spec.format(r) for r in (1.5, 2.0)
+               for spec in ("whiten:one-shot:{}:allocation=uniform", "kfac:front-to-back:{}")],
 }
 
 
@@ -51,7 +59,12 @@ def parse_run(spec: str) -> dict:
     over["method"] = method
     for kv in parts[3:]:
         k, v = kv.split("=")
-        over[k] = json.loads(v) if v[:1] in "[{0123456789-" or v in ("true", "false") else v
+        value = json.loads(v) if v[:1] in "[{0123456789-" or v in ("true", "false") else v
+        if "." in k:  # multipliers.attention=0.8 -> {"multipliers": {"attention": 0.8}}
+            k, sub = k.split(".", 1)
+            over.setdefault(k, {})[sub] = value
+        else:
+            over[k] = value
     return over
 
 
@@ -62,16 +75,17 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--granularity", default="layer")
-    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--granularity", default=None, help="default: the pipeline's (vac.config)")
+    p.add_argument("--allocation", default=None, help="default: the pipeline's (vac.config)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
     runs = [r for g in args.grid for r in GRIDS[g]] + args.runs
     if not runs:
         p.error("nothing to run: give --grid and/or --runs")
 
-    base = dict(calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len,
-                granularity=args.granularity, allocation=args.allocation)
+    base = dict(calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len)
+    base.update({k: getattr(args, k) for k in ("granularity", "allocation") if getattr(args, k) is not None})
+    defaults = make_config(base)
     loaded = load("smollm2-135m")
     dense = loaded.model
     calib, eval_blocks = load_data(make_config(base), loaded.tokenizer)
@@ -102,7 +116,8 @@ def main(argv=None) -> int:
         del model
     footer = (f"\nDense PPL {dense_ppl:.2f} on {eval_blocks.numel()} held-out tokens "
               f"({args.eval_samples} x {args.seq_len}, bundled corpus evaluation split); calibration "
-              f"{args.calib_samples} x {args.seq_len}; granularity {args.granularity}, allocation {args.allocation}.")
+              f"{args.calib_samples} x {args.seq_len}; unless a row says otherwise: granularity "
+              f"{defaults.granularity}, allocation {defaults.allocation}, objective {defaults.objective}.")
     print(footer)
     if args.results:
         cmd = "python experiments/bench_methods.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -55,7 +55,7 @@ class Genome:
     method: str = "kfac"
     exponent: float = 0.25
     in_exponent: float = 0.5
-    granularity: str = "layer"
+    granularity: str = "matrix"
     allocation: str = "knapsack"
     multipliers: dict[str, float] = field(default_factory=dict)
     keep_dense: list[int] = field(default_factory=list)
@@ -121,7 +121,7 @@ class Genome:
                    ratio=float(config["ratio"]), method=method,
                    exponent=float(exponent) if exponent is not None else 0.25,
                    in_exponent=float(config.get("kfac_in_exponent", 0.5)),
-                   granularity=config.get("granularity", "layer"),
+                   granularity=config.get("granularity", "matrix"),
                    allocation=config.get("allocation", "knapsack"),
                    multipliers={k: float(v) for k, v in (config.get("multipliers") or {}).items()},
                    keep_dense=[int(i) for i in (config.get("keep_dense") or [])])

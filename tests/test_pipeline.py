@@ -137,6 +137,7 @@ def test_one_shot_knapsack_reuses_the_allocation_covariances(monkeypatch):
         calls.clear()
         model = tiny_model("llama", seed=4)
         compress_(model, make_config(dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, batch_size=4,
+                                          order="one-shot",
                                           fisher_samples=2)), calib, progress=False)
         with torch.no_grad():
             logits.append(model(input_ids=calib[:2]).logits)

@@ -49,13 +49,17 @@ class CompressConfig:
     kfac_out_exponent: float = _f(0.25, "output-side exponent a on G (method kfac); 0 = whitening")
     kfac_in_exponent: float = _f(0.5, "input-side exponent b on C (method kfac); 0.5 = whitening")
     damp: float = _f(1e-2, "relative damping of covariances: C + damp * mean(diag C) * I")
-    # Defaults measured on the bundled model at 1.8x (experiments/RESULTS.md): kfac (a=1/4, b=1/2)
-    # one-shot with knapsack allocation reached 4.5x dense PPL against 14.4x for one-shot whitening.
-    order: Any = _f("one-shot", "order of sequential compression: one-shot | front-to-back | "
+    # Defaults measured on the bundled model at 1.8x (experiments/RESULTS.md): kfac (a=1/4, b=1/2),
+    # knapsack ranks, then front-to-back per matrix, each matrix fitted to the dense model's outputs
+    # from the inputs it really sees (dense-target): 3.05x dense PPL against 14.4x for one-shot
+    # whitening (SVD-LLM) and 3.9x for the same allocation one-shot. Per layer, the dense-target
+    # refit of o/gate/up/down is tuned to inputs that change as soon as q/k/v are compressed, and
+    # is much worse (38x): sequential orders need granularity matrix.
+    order: Any = _f("front-to-back", "order of sequential compression: one-shot | front-to-back | "
                     "back-to-front | middle-out | a list of layer indices")
-    granularity: str = _f("layer", "unit of sequential compression: layer (statistics of the whole layer "
-                          "from one pass) | matrix (one step per shared-input stage, q/k/v, o, gate/up, down, "
-                          "so each matrix sees this layer's earlier matrices already compressed)")
+    granularity: str = _f("matrix", "unit of sequential compression: matrix (one step per shared-input "
+                          "stage, q/k/v, o, gate/up, down, so each matrix sees this layer's earlier matrices "
+                          "already compressed) | layer (statistics of the whole layer from one pass)")
     objective: str = _f("dense-target", "closed-loop objective in sequential mode: dense-target "
                         "(fit dense outputs from compressed inputs) | compressed-input (fit W X~)")
     allocation: str = _f("knapsack", "rank allocation: knapsack (ranks traded across matrices by predicted "
