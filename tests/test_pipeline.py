@@ -186,3 +186,28 @@ def test_matrix_granularity_sees_earlier_stages_of_the_same_layer_compressed(mon
                                       objective="dense-target", allocation="uniform", batch_size=2)),
               calib, progress=False)
     assert checked == ["o_proj", "down_proj"]
+
+
+def test_dense_cache_reuses_dense_statistics_and_changes_nothing(monkeypatch):
+    """The search's per-process cache: the second compression skips the gradient pass and the
+    allocator's spectra, and gives bitwise the same model; other keep-dense sets still work."""
+    import vac.pipeline as pl
+
+    calls = []
+    real = pl.collect_gradient_stats
+    monkeypatch.setattr(pl, "collect_gradient_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calib = random_blocks(8, 32)
+    cfg = dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, batch_size=4, fisher_samples=2)
+    logits, cache = [], {}
+    for dense_cache in (None, cache, cache):
+        model = tiny_model("llama", seed=6)
+        compress_(model, make_config(cfg), calib, progress=False, dense_cache=dense_cache)
+        with torch.no_grad():
+            logits.append(model(input_ids=calib[:2]).logits)
+    assert len(calls) == 2  # without the cache, then once for the cache
+    torch.testing.assert_close(logits[1], logits[0], atol=0, rtol=0)
+    torch.testing.assert_close(logits[2], logits[0], atol=0, rtol=0)
+    model = tiny_model("llama", seed=6)
+    result = compress_(model, make_config({**cfg, "keep_dense": [1], "ratio": 1.3}), calib, progress=False,
+                       dense_cache=cache)
+    assert len(calls) == 2 and all(result.ranks[t.name] is None for t in find_targets(model) if t.layer == 1)

@@ -68,8 +68,13 @@ def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_blocks: torch.Tensor | None = None,
-              progress: bool = True) -> CompressionResult:
-    """Factorize ``model``'s target linears in place following ``cfg``; returns ranks and timings."""
+              progress: bool = True, dense_cache: dict | None = None) -> CompressionResult:
+    """Factorize ``model``'s target linears in place following ``cfg``; returns ranks and timings.
+
+    ``dense_cache``: a dict owned by the caller for one dense model and one calibration set, which
+    compresses many fresh copies of that model (the evolutionary search). What depends only on the
+    dense model (gradient statistics and the allocator's spectra) is computed once and kept there.
+    """
     method = METHODS[cfg.method]
     family = get_family(model)
     all_targets = find_targets(model)
@@ -90,15 +95,23 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
     F: dict[str, torch.Tensor] = {}
     if need_grads:
         t0 = time.perf_counter()
-        blocks = grad_blocks if grad_blocks is not None else calib[: cfg.fisher_samples]
         want_g = method.needs_output_grads or cfg.allocation == "knapsack"
-        stats = collect_gradient_stats(model, modules, blocks, output_cov=want_g, fisher=method.needs_fisher,
-                                       progress=progress)
-        F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
-        # decomposed once: the allocator takes G^1/2, the factorization G^a and G^-a
-        for name in list(stats.G):
-            G[name] = fz.SymEig(stats.G.pop(name), cfg.damp)
-        del stats
+        key = ("gradients", cfg.fisher_samples, cfg.damp, want_g, method.needs_fisher)
+        if dense_cache is not None and key in dense_cache:
+            G, F = dense_cache[key]
+        else:
+            blocks = grad_blocks if grad_blocks is not None else calib[: cfg.fisher_samples]
+            # a shared cache serves strategies with other keep-dense layers: measure every target
+            measured = modules if dense_cache is None else {t.name: model.get_submodule(t.name) for t in all_targets}
+            stats = collect_gradient_stats(model, measured, blocks, output_cov=want_g, fisher=method.needs_fisher,
+                                           progress=progress)
+            F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
+            # decomposed once: the allocator takes G^1/2, the factorization G^a and G^-a
+            for name in list(stats.G):
+                G[name] = fz.SymEig(stats.G.pop(name), cfg.damp)
+            del stats
+            if dense_cache is not None:
+                dense_cache[key] = (G, F)
         timings["gradient_stats"] = time.perf_counter() - t0
 
     # hidden states are needed only by methods that read layer inputs (and by the allocator)
@@ -118,7 +131,9 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
         # one-shot factorization needs exactly the input covariances the allocator measures:
         # keep them (within a memory cap) instead of a second pass over every layer
         cov_cache = {} if cfg.order == "one-shot" and method.needs_inputs else None
-        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress, cov_cache))
+        spectra = None if dense_cache is None else dense_cache.setdefault(("spectra", cfg.damp), {})
+        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress, cov_cache,
+                                            spectra))
     timings["allocation"] = time.perf_counter() - t0
 
     # 3. factorize in order
@@ -220,7 +235,7 @@ COV_CACHE_BYTES = 2 * 1024**3
 
 
 def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, result, progress,
-                    cov_cache: dict | None = None) -> dict:
+                    cov_cache: dict | None = None, spectra: dict | None = None) -> dict:
     """Options per target from the tail of its K-FAC-weighted spectrum, then CP-SAT.
 
     The predicted loss of rank r is sum_{k>r} sigma_k^2 of G^1/2 W C^1/2: to second order the loss
@@ -235,6 +250,13 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
         by_layer.setdefault(t.layer, []).append(t)
     use_kind = any(k not in (ATTENTION, "mlp") for k in cfg.multipliers)
     for l in tqdm(sorted(by_layer), desc="spectra for allocation", disable=not progress, unit="layer"):
+        if spectra is not None and all(t.name in spectra for t in by_layer[l]):  # the dense model's, measured before
+            for t in by_layer[l]:
+                result.spectra[t.name] = spectra[t.name]
+                opts = rank_options(t.out_features, t.in_features, fz.tail_energy(spectra[t.name].double()),
+                                    grid=cfg.rank_grid, allow_dense=not cfg.compress_all)
+                groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+            continue
         prefix = t_prefix(by_layer[l][0])
         stats = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in by_layer[l]}, cross=False)
         stats.collect(runner.dense_inputs(l), None)
@@ -250,6 +272,8 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
             if cov_cache is not None:
                 cov_cache[t.name] = C
             spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
+            if spectra is not None:
+                spectra[t.name] = spectrum.cpu()
             tail = fz.tail_energy(spectrum)
             result.spectra[t.name] = spectrum.float().cpu()
             opts = rank_options(t.out_features, t.in_features, tail, grid=cfg.rank_grid,

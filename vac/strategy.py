@@ -2,8 +2,9 @@
 
 ``evaluate_strategy(model_spec, config)`` compresses a fresh copy of the base model with
 ``config`` and scores it on a held-out slice of the *calibration* data (never the evaluation
-split: a search that selected on the benchmark would overfit it). The base model and token
-blocks are loaded once per process and reused for every genome a worker evaluates.
+split: a search that selected on the benchmark would overfit it). The base model, token
+blocks and the dense model's statistics are computed once per process and reused for every
+genome a worker evaluates.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _base(spec_json: str):
     return loaded, blocks[:n_cal], blocks[n_cal:]
 
 
+@functools.lru_cache(maxsize=2)
+def _dense_cache(spec_json: str) -> dict:
+    """What compress_ measures on the dense model (gradient statistics, allocation spectra): the
+    same for every genome scored against one base model and calibration set, so kept per process."""
+    return {}
+
+
 def evaluate_strategy(model_spec: dict, config: dict) -> dict:
     from vac.evaluate import compare
     from vac.pipeline import compress_
@@ -46,7 +54,7 @@ def evaluate_strategy(model_spec: dict, config: dict) -> dict:
                        "seq_len": calib.shape[1], "evaluate": False, "out": None})
     model = copy.deepcopy(loaded.model)
     t0 = time.perf_counter()
-    result = compress_(model, cfg, calib, progress=False)
+    result = compress_(model, cfg, calib, progress=False, dense_cache=_dense_cache(json.dumps(spec, sort_keys=True)))
     seconds = time.perf_counter() - t0
     metrics = compare({"c": model}, heldout, reference=loaded.model, progress=False)["c"]
     return {"quality": metrics[spec["metric"]], "ratio": result.linear_ratio, "ppl": metrics["ppl"],
