@@ -249,13 +249,17 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
     use_kind = any(k not in (ATTENTION, "mlp") for k in cfg.multipliers)
+
+    def add_group(t: Target, spectrum: torch.Tensor) -> None:
+        result.spectra[t.name] = spectrum.float().cpu()
+        opts = rank_options(t.out_features, t.in_features, fz.tail_energy(spectrum.double()), grid=cfg.rank_grid,
+                            allow_dense=not cfg.compress_all)
+        groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+
     for l in tqdm(sorted(by_layer), desc="spectra for allocation", disable=not progress, unit="layer"):
         if spectra is not None and all(t.name in spectra for t in by_layer[l]):  # the dense model's, measured before
             for t in by_layer[l]:
-                result.spectra[t.name] = spectra[t.name]
-                opts = rank_options(t.out_features, t.in_features, fz.tail_energy(spectra[t.name].double()),
-                                    grid=cfg.rank_grid, allow_dense=not cfg.compress_all)
-                groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+                add_group(t, spectra[t.name])
             continue
         prefix = t_prefix(by_layer[l][0])
         stats = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in by_layer[l]}, cross=False)
@@ -274,11 +278,7 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
             spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
             if spectra is not None:
                 spectra[t.name] = spectrum.cpu()
-            tail = fz.tail_energy(spectrum)
-            result.spectra[t.name] = spectrum.float().cpu()
-            opts = rank_options(t.out_features, t.in_features, tail, grid=cfg.rank_grid,
-                                allow_dense=not cfg.compress_all)
-            groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
+            add_group(t, spectrum)
         if cov_cache is not None:
             unique = {id(c): c for c in cov_cache.values()}.values()
             if sum(c.numel() * c.element_size() for c in unique) > COV_CACHE_BYTES:
