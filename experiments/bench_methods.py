@@ -7,6 +7,10 @@ appended (with the command line) to --results.
     python experiments/bench_methods.py --grid foundation     # svd vs whiten, one-shot, 4 ratios
     python experiments/bench_methods.py --grid core           # the loss-aware core at 1.8x
     python experiments/bench_methods.py --runs "kfac:front-to-back:1.8" "whiten:one-shot:1.8"
+    python experiments/bench_methods.py --configs runs/search/smollm2-small/best/*.yaml   # found genomes
+
+A ``--configs`` row is a compression config YAML (a search genome, a preset): its keys apply on
+top of the pipeline defaults, and the calibration/evaluation sizes of this command win.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 from vac.compress import load_data
-from vac.config import make_config
+from vac.config import load_yaml, make_config
 from vac.evaluate import compare
 from vac.models import load
 from vac.pipeline import compress_
@@ -68,10 +72,19 @@ def parse_run(spec: str) -> dict:
     return over
 
 
+def _from_yaml(path: str) -> dict:
+    """A compression config YAML as overrides; this benchmark's data sizes and I/O keys are dropped."""
+    data = load_yaml(path)
+    for key in ("calib_samples", "eval_samples", "seq_len", "model", "out", "evaluate"):
+        data.pop(key, None)
+    return data
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), action="append", default=[])
     p.add_argument("--runs", nargs="*", default=[], help="extra runs: method[(e=..,a=..)]:order:ratio[:key=value]")
+    p.add_argument("--configs", nargs="*", default=[], help="extra runs: compression config YAMLs (search genomes)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
@@ -79,9 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--allocation", default=None, help="default: the pipeline's (vac.config)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
-    runs = [r for g in args.grid for r in GRIDS[g]] + args.runs
+    runs = [r for g in args.grid for r in GRIDS[g]] + args.runs + args.configs
     if not runs:
-        p.error("nothing to run: give --grid and/or --runs")
+        p.error("nothing to run: give --grid, --runs and/or --configs")
 
     base = dict(calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len)
     base.update({k: getattr(args, k) for k in ("granularity", "allocation") if getattr(args, k) is not None})
@@ -95,7 +108,9 @@ def main(argv=None) -> int:
     print(header, flush=True)
     dense_ppl = None
     for spec in runs:
-        cfg = make_config({**base, **parse_run(spec)})
+        from_yaml = spec in args.configs
+        overrides = _from_yaml(spec) if from_yaml else parse_run(spec)
+        cfg = make_config({**base, **overrides})
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         result = compress_(model, cfg, calib, progress=False)
@@ -105,11 +120,15 @@ def main(argv=None) -> int:
         m = metrics["c"]
         label = cfg.method + (f"(e={cfg.fisher_exponent:.3g})" if cfg.method == "fisher" else "") + \
             (f"(a={cfg.kfac_out_exponent:g},b={cfg.kfac_in_exponent:g})" if cfg.method == "kfac" else "")
-        extra = {k: v for k, v in parse_run(spec).items() if k not in ("order", "ratio", "method", "fisher_exponent",
-                                                                       "kfac_out_exponent", "kfac_in_exponent")}
+        extra = {k: v for k, v in overrides.items() if k not in ("order", "ratio", "method", "fisher_exponent",
+                                                                 "kfac_out_exponent", "kfac_in_exponent")}
+        if from_yaml:
+            label = f"{label} {Path(spec).name}"
+            extra = {k: v for k, v in extra.items() if k in ("multipliers", "keep_dense")}
         if extra:
             label += " " + ",".join(f"{k}={v}" for k, v in extra.items())
-        row = (f"| {label} | {cfg.order} | {cfg.ratio} | {result.linear_ratio:.3f} | {m['ppl']:.2f} | "
+        order = cfg.order if isinstance(cfg.order, str) else "[" + ",".join(map(str, cfg.order)) + "]"
+        row = (f"| {label} | {order} | {cfg.ratio} | {result.linear_ratio:.3f} | {m['ppl']:.2f} | "
                f"{m['ppl'] / dense_ppl:.2f}x | {m['kl']:.3f} | {m['top1']:.1%} | {seconds:.0f} |")
         rows.append(row)
         print(row, flush=True)

@@ -3,7 +3,8 @@
 Both executors build the evaluator once per worker from a picklable factory (normally an
 :class:`~vac.search.evaluators.EvaluatorSpec`) and keep it, so a worker loads the base
 model and calibration data once and then evaluates genome after genome. ``map(configs)``
-returns one fitness dict per config, in order; a genome whose evaluation raises gets a
+returns one fitness dict per config, in order (``imap(configs)`` yields them as they finish,
+for progress); a genome whose evaluation raises gets a
 failed fitness (see :func:`~vac.search.evaluators.safe_evaluate`).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from vac.errors import VacError
 
@@ -38,11 +39,15 @@ def visible_gpus() -> list[str]:
 _WORKER_EVALUATOR = None
 
 
-def _init_worker(factory: Factory, gpu_queue) -> None:
+def _init_worker(factory: Factory, gpu_queue, cpu_threads: int | None = None) -> None:
     global _WORKER_EVALUATOR
     if gpu_queue is not None:
         # before anything imports torch in this process: pin it to one GPU
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_queue.get()
+    if cpu_threads is not None:
+        # CPU-only workers share the cores instead of each starting one thread per core
+        import torch
+        torch.set_num_threads(cpu_threads)
     _WORKER_EVALUATOR = factory()
 
 
@@ -55,7 +60,8 @@ class LocalExecutor:
 
     ``workers``: number of processes; ``None`` = one per visible GPU when there are
     several (each pinned to its own GPU), else one; ``0`` = in this process (no pool; handy
-    for tests and debugging). Processes are started with ``spawn`` (CUDA and fork do not mix)
+    for tests and debugging). Without GPUs the CPU cores are split evenly between the
+    processes (``torch.set_num_threads``). Processes are started with ``spawn`` (CUDA and fork do not mix)
     on the first ``map`` and live until :meth:`close`.
     """
 
@@ -84,19 +90,25 @@ class LocalExecutor:
             queue = ctx.Queue()
             for gpu in self.gpus[:self.workers]:
                 queue.put(gpu)
+        threads = (None if self.gpus or os.environ.get("OMP_NUM_THREADS")  # the user's setting wins
+                   else max(1, (os.cpu_count() or 1) // self.workers))
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                   initializer=_init_worker, initargs=(self.factory, queue))
+                                   initializer=_init_worker, initargs=(self.factory, queue, threads))
 
-    def map(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def imap(self, configs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Results in the order of ``configs``, each as soon as it (and those before it) is done."""
         if not configs:
-            return []
+            return iter(())
         if self.workers == 0:
             if self._evaluator is None:
                 self._evaluator = self.factory()
-            return [safe_evaluate(self._evaluator, c) for c in configs]
+            return (safe_evaluate(self._evaluator, c) for c in configs)
         if self._pool is None:
             self._pool = self._start()
-        return list(self._pool.map(_worker_evaluate, configs))
+        return self._pool.map(_worker_evaluate, configs)
+
+    def map(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(self.imap(configs))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -168,11 +180,14 @@ class RayExecutor:
     def __repr__(self) -> str:
         return f"RayExecutor(actors={self.num_actors}, gpus_per_actor={self.gpus_per_actor})"
 
-    def map(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def imap(self, configs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Results in the order of ``configs``; idle actors pick up the next config."""
         if not configs:
-            return []
-        # ActorPool.map yields in submission order; idle actors pick up the next config
-        return list(self._pool.map(lambda actor, config: actor.evaluate.remote(config), configs))
+            return iter(())
+        return self._pool.map(lambda actor, config: actor.evaluate.remote(config), configs)
+
+    def map(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(self.imap(configs))
 
     def close(self) -> None:
         for actor in getattr(self, "actors", []):

@@ -191,7 +191,18 @@ class Search:
         for key, genome in zip(keys, genomes):
             if key not in self.cache and key not in todo:
                 todo[key] = genome.to_config()
-        results = self.executor.map([{**self.base_config, **config} for config in todo.values()])
+        configs = [{**self.base_config, **config} for config in todo.values()]
+        # executors with imap report each genome as it finishes; plain map() ones all at once
+        stream = self.executor.imap(configs) if hasattr(self.executor, "imap") else iter(self.executor.map(configs))
+        results, best = [], math.inf
+        with tqdm(total=len(configs), desc=f"gen {generation} evaluations", unit="genome", leave=False,
+                  disable=not self.progress or not configs) as bar:
+            for result in stream:
+                results.append(result)
+                if "error" not in result:
+                    best = min(best, result["quality"])
+                    bar.set_postfix_str(f"best {self.settings.metric} {best:.4g}", refresh=False)
+                bar.update(1)
         if len(results) != len(todo):
             raise VacError(f"executor returned {len(results)} results for {len(todo)} genomes")
         failures = [r for r in results if "error" in r]
