@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                  runtime_env=cfg.runtime_env)
         try:
             search = Search(cfg.space, executor, run_dir, cfg.search, base_config=cfg.compress_base,
+                            references=cfg.references,
                             tracker=tracker, resume=args.resume, progress=not args.no_progress)
             result = search.run()
         finally:

@@ -8,6 +8,8 @@ Top-level keys (unknown keys are rejected, so a typo fails loudly instead of bei
   for ``compression`` the model spec handed to ``vac.strategy.evaluate_strategy``), ``toy``
   (options of the toy evaluator when ``--evaluator toy`` overrides);
 - ``compress_base``: fixed ``CompressConfig`` keys written under every genome's keys;
+- ``references``: name -> ``CompressConfig`` keys of hand-made strategies (e.g. the default),
+  scored once by the same evaluator and shown beside the search's best;
 - ``executor`` (``local`` | ``ray``), ``workers``, ``address``, ``gpus_per_actor``,
   ``cpus_per_actor``, ``runtime_env``;
 - ``out`` (run directory), ``wandb`` (``project``, ``entity``, ``mode``, ``enabled``).
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from vac.config import CompressConfig
 from vac.errors import VacError
 
 from .evaluators import EvaluatorSpec
@@ -36,6 +39,7 @@ class SearchConfig:
     evaluation: dict[str, Any] = field(default_factory=dict)
     toy: dict[str, Any] = field(default_factory=dict)
     compress_base: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
     executor: str = "local"
     workers: int | None = None
     address: str | None = None
@@ -64,7 +68,15 @@ class SearchConfig:
         data["search"] = SearchSettings(**settings)
         if data.get("executor", "local") not in ("local", "ray"):
             raise VacError(f"executor {data['executor']!r}: use 'local' or 'ray'")
-        for key in ("evaluation", "toy", "compress_base", "wandb"):
+        refs = data.get("references") or {}
+        if not isinstance(refs, dict) or not all(isinstance(v, dict) for v in refs.values()):
+            raise VacError("'references:' must map a name to compression config keys, e.g. "
+                           "{default: {ratio: 1.8, method: kfac}}")
+        valid_keys = {f.name for f in fields(CompressConfig)}
+        for name, ref in refs.items():
+            if bad := sorted(set(ref) - valid_keys):
+                raise VacError(f"reference {name!r} has keys {bad} that vac.compress does not know")
+        for key in ("evaluation", "toy", "compress_base", "references", "wandb"):
             if data.get(key) is None:
                 data.pop(key, None)
         return cls(**data)

@@ -98,6 +98,9 @@ class ToyEvaluator:
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
+        from vac.config import CompressConfig  # keys a config leaves out take vac.compress's defaults
+
+        config = {**CompressConfig().to_dict(), **config}
         method = config["method"]
         if method == "fisher":
             exp_pen = (config["fisher_exponent"] - 0.25) ** 2

@@ -101,13 +101,15 @@ class Search:
     """One search run in ``run_dir`` over ``space``, evaluating through ``executor.map``.
 
     ``base_config``: fixed ``CompressConfig`` keys merged under every genome's keys (sent to
-    the evaluator and written into the genome YAMLs). ``plots``: write the PNGs each
+    the evaluator and written into the genome YAMLs). ``references``: name -> config of
+    hand-made strategies scored once, by the same evaluator, and shown beside the search's best
+    (plots, ``front.json``, the per-generation line). ``plots``: write the PNGs each
     generation. ``progress``: a tqdm bar and one line per generation.
     """
 
     def __init__(self, space: SearchSpace, executor, run_dir, settings: SearchSettings | None = None, *,
-                 base_config: dict[str, Any] | None = None, tracker=None, resume: bool = False,
-                 progress: bool = True, plots: bool = True):
+                 base_config: dict[str, Any] | None = None, references: dict[str, dict] | None = None,
+                 tracker=None, resume: bool = False, progress: bool = True, plots: bool = True):
         self.space, self.executor = space, executor
         self.settings = settings or SearchSettings()
         if self.settings.mode == "single" and not space.single_ratio:
@@ -115,6 +117,10 @@ class Search:
                            f"got the range {space.ratio}")
         self.run_dir = Path(run_dir)
         self.base_config = dict(base_config or {})
+        #: hand-made strategies scored once by the same evaluator, for comparison only (never
+        #: selected, never bred): name -> config, and name -> result once evaluated
+        self.reference_configs = {str(k): dict(v or {}) for k, v in (references or {}).items()}
+        self.references: dict[str, dict[str, Any]] = {}
         self.tracker = tracker or NullTracker()
         self.resume, self.progress, self.plots = resume, progress, plots
         self.fitness_cls = FitnessPareto if self.settings.mode == "pareto" else FitnessSingle
@@ -145,7 +151,12 @@ class Search:
             self.tracker.start(self.run_dir, self._describe(), resume_id=(state or {}).get("wandb_id"))
         if state is not None:
             self._restore(state)
+            if self._evaluate_references():  # added to the recipe after the checkpoint was made
+                self._checkpoint()
+                with isolated_rng():
+                    self._write_outputs()
         else:
+            self._evaluate_references()
             random.seed(self.settings.seed)
             np.random.seed(self.settings.seed)
             self.population = self._initial_population()
@@ -182,6 +193,20 @@ class Search:
         seeds = seeds[:self.settings.population]
         return seeds + [self.space.random_individual(self.fitness_cls)
                         for _ in range(self.settings.population - len(seeds))]
+
+    def _evaluate_references(self) -> bool:
+        """Score the references not yet scored; True when any was."""
+        todo = {k: v for k, v in self.reference_configs.items() if k not in self.references}
+        if not todo:
+            return False
+        with isolated_rng():  # an in-process evaluator must not shift the search's random stream
+            results = self.executor.map([{**self.base_config, **config} for config in todo.values()])
+        for (name, config), result in zip(todo.items(), results):
+            self.references[name] = {**result, "config": config}
+            if self.progress:
+                tqdm.write(f"reference {name}: " + (f"error {result['error']}" if "error" in result else
+                           f"{self.settings.metric} {result['quality']:.4g}, achieved ratio {result['ratio']:.3f}"))
+        return True
 
     def _evaluate(self, individuals: list[Individual], generation: int) -> None:
         """Fitness for every individual; only keys never seen before go to the executor."""
@@ -256,7 +281,9 @@ class Search:
             line = (f"gen {record['gen']}/{self.settings.generations}: {record['evals']} evaluated, "
                     f"{record['hits']} cached, {record['failed']} failed | best {self.settings.metric} "
                     f"{record['q_min']:.4g}, median {record['q_median']:.4g}, max ratio {record['r_max']:.3f}, "
-                    f"front {record['front']}" + (f", hv {record['hv']:.4g}" if self.settings.mode == "pareto" else ""))
+                    f"front {record['front']}" + (f", hv {record['hv']:.4g}" if self.settings.mode == "pareto" else "")
+                    + "".join(f" | {name} {ref['quality']:.4g}" for name, ref in self.references.items()
+                              if "error" not in ref))
             (bar.write if bar is not None else tqdm.write)(line)
 
     def _describe(self) -> dict[str, Any]:
@@ -272,6 +299,7 @@ class Search:
                  "wandb_id": getattr(self.tracker, "run_id", None),
                  "population": [individual_to_dict(ind) for ind in self.population],
                  "cache": self.cache, "front": [e["key"] for e in self.front], "logbook": self.logbook,
+                 "references": self.references,
                  "rng": rng_state()}
         atomic_write_json(self.run_dir / STATE_FILE, state)
 
@@ -296,6 +324,8 @@ class Search:
         self.hv_ref = state["hv_ref"]
         self.cache = state["cache"]
         self.logbook = state["logbook"]
+        self.references = {k: v for k, v in state.get("references", {}).items() if k in self.reference_configs
+                           and v.get("config") == _jsonable(self.reference_configs[k])}
         self.population = [individual_from_dict(d, self.fitness_cls) for d in state["population"]]
         self.front = self._archive_front()
         set_rng_state(state["rng"])
@@ -320,12 +350,14 @@ class Search:
         if not pareto and self.front:
             (self.run_dir / "best.yaml").write_text(self._genome_yaml(self.front[0]))
         atomic_write_json(self.run_dir / "front.json", {"generation": self.generation, "mode": self.settings.mode,
-                                                         "front": self.front})
+                                                         "front": self.front, "references": self.references})
         if self.plots:
             label = self.settings.metric
+            refs = {k: v for k, v in self.references.items() if "error" not in v}
             plot_pareto(list(self.cache.values()), self.front, self.run_dir / "pareto.png",
-                        quality_label=f"{label} (lower is better)", pareto=pareto)
-            plot_fitness(self.logbook, self.run_dir / "fitness.png", pareto=pareto, quality_label=label)
+                        quality_label=f"{label} (lower is better)", pareto=pareto, references=refs)
+            plot_fitness(self.logbook, self.run_dir / "fitness.png", pareto=pareto, quality_label=label,
+                         references=refs)
 
     def _genome_yaml(self, entry: dict[str, Any]) -> str:
         header = (f"# vac.search genome {entry['key']} (generation {entry['generation']}): "

@@ -14,8 +14,10 @@ from .pareto import valid  # noqa: E402
 
 
 def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
-                *, quality_label: str = "quality (lower is better)", pareto: bool = True) -> None:
-    """Every evaluated genome (coloured by the generation that found it) and the front."""
+                *, quality_label: str = "quality (lower is better)", pareto: bool = True,
+                references: dict[str, dict[str, Any]] | None = None) -> None:
+    """Every evaluated genome (coloured by the generation that found it), the front, and the
+    hand-made references (crosses)."""
     entries = valid(entries)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
     if entries:
@@ -29,6 +31,9 @@ def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path
             ax.step(xs, ys, where="pre", color="tab:red", lw=1.2, alpha=0.8)
         ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=60, lw=1.5,
                    label="Pareto front" if pareto else "best")
+    for name, ref in (references or {}).items():
+        ax.scatter([ref["ratio"]], [ref["quality"]], marker="X", s=80, color="black", zorder=3)
+        ax.annotate(name, (ref["ratio"], ref["quality"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("achieved ratio (higher is better)")
     ax.set_ylabel(quality_label)
     ax.set_title("Pareto front" if pareto else "evaluated genomes")
@@ -40,12 +45,15 @@ def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path
 
 
 def plot_fitness(logbook: list[dict[str, Any]], path: Path, *, pareto: bool = True,
-                 quality_label: str = "quality") -> None:
-    """Population quality (best, median) per generation; hypervolume or best ratio alongside."""
+                 quality_label: str = "quality", references: dict[str, dict[str, Any]] | None = None) -> None:
+    """Population quality (best, median) per generation, the references' quality as dotted
+    lines; hypervolume or best ratio alongside."""
     gens = [r["gen"] for r in logbook]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     ax.plot(gens, [r["q_min"] for r in logbook], "o-", label=f"best {quality_label}")
     ax.plot(gens, [r["q_median"] for r in logbook], "s--", label=f"median {quality_label}")
+    for i, (name, ref) in enumerate((references or {}).items()):
+        ax.axhline(ref["quality"], color=f"C{3 + i}", ls=":", lw=1.2, label=f"{name} (reference)")
     ax.set_xlabel("generation")
     ax.set_ylabel(f"{quality_label} (population)")
     ax.grid(alpha=0.3)

@@ -200,6 +200,40 @@ def test_failed_evaluations_are_penalised_not_fatal(tmp_path):
         run_search(tmp_path / "broken", 2, executor=CountingExecutor(Broken()))
 
 
+def test_references_are_scored_once_and_never_selected(tmp_path):
+    default = {"method": "kfac", "ratio": 1.8, "order": "front-to-back", "kfac_out_exponent": 0.25}
+    settings = SearchSettings(population=6, generations=2, seed=3)
+
+    def search(executor, references, generations=2, resume=False):
+        return Search(toy_space(), executor, tmp_path, SearchSettings(**{**settings.__dict__, "generations": generations}),
+                      references=references, resume=resume, progress=False, plots=True)
+
+    plain = run_search(tmp_path / "plain", 2)
+    executor = CountingExecutor()
+    result = search(executor, {"default": default}).run()
+    assert executor.seen[0] == default and len(executor.seen) == 1 + len(result.cache)
+    assert front_summary(result) == front_summary(plain)  # the reference changes nothing in the search
+    assert all(e["config"] != default for e in result.cache.values())
+    front = json.loads((tmp_path / "front.json").read_text())
+    assert front["references"]["default"]["quality"] == ToyEvaluator()(default)["quality"]
+    # resumed: the stored reference is reused; one added to the recipe is scored, nothing else runs
+    other = {**default, "order": "middle-out"}
+    resumed = CountingExecutor()
+    search(resumed, {"default": default, "middle-out": other}, resume=True).run()
+    assert resumed.seen == [other]
+    assert set(json.loads((tmp_path / "front.json").read_text())["references"]) == {"default", "middle-out"}
+
+
+def test_references_in_a_recipe_are_checked(tmp_path):
+    space = {"num_layers": 4}
+    assert SearchConfig.from_dict({"space": space, "references": {"d": {"ratio": 1.8}}}).references == {
+        "d": {"ratio": 1.8}}
+    with pytest.raises(VacError, match="ratioo"):
+        SearchConfig.from_dict({"space": space, "references": {"d": {"ratioo": 1.8}}})
+    with pytest.raises(VacError, match="must map a name"):
+        SearchConfig.from_dict({"space": space, "references": [{"ratio": 1.8}]})
+
+
 # ---- checkpoint and resume -----------------------------------------------------------------
 
 def test_kill_and_resume_gives_the_same_front(tmp_path):
