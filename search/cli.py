@@ -9,7 +9,8 @@ Example::
 
 The run directory (``--out``, else ``out:`` of the config) receives ``state.json`` (the
 checkpoint), ``front.json``, ``best/*.yaml`` (usable as ``python -m vac.compress --config``),
-``pareto.png``, ``fitness.png`` and ``search.yaml`` (the resolved config).
+``pareto.png`` (two objectives) or ``evaluations.png`` (one), ``fitness.png`` and
+``search.yaml`` (the resolved config).
 """
 
 from __future__ import annotations

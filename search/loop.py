@@ -33,7 +33,7 @@ from .evaluators import FAILED_QUALITY
 from .genome import dump_config
 from .operators import SEED_ORDERS, Variation, make_offspring
 from .pareto import best_by_quality, hypervolume, nondominated, valid
-from .plots import plot_fitness, plot_pareto
+from .plots import plot_evaluations, plot_fitness, plot_pareto
 from .space import FitnessPareto, FitnessSingle, Individual, SearchSpace
 from .state import (atomic_write_json, individual_from_dict, individual_to_dict, isolated_rng, read_json,
                     rng_state, set_rng_state)
@@ -354,8 +354,12 @@ class Search:
         if self.plots:
             label = self.settings.metric
             refs = {k: v for k, v in self.references.items() if "error" not in v}
-            plot_pareto(list(self.cache.values()), self.front, self.run_dir / "pareto.png",
-                        quality_label=f"{label} (lower is better)", pareto=pareto, references=refs)
+            if pareto:
+                plot_pareto(list(self.cache.values()), self.front, self.run_dir / "pareto.png",
+                            quality_label=f"{label} (lower is better)", references=refs)
+            else:
+                plot_evaluations(list(self.cache.values()), self.run_dir / "evaluations.png",
+                                 quality_label=f"{label} (lower is better)", references=refs)
             plot_fitness(self.logbook, self.run_dir / "fitness.png", pareto=pareto, quality_label=label,
                          references=refs)
 

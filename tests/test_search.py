@@ -310,13 +310,14 @@ def test_single_objective_at_fixed_ratio(tmp_path):
         run_search(tmp_path / "x", 1, mode="single")  # ratio is a range in toy_space()
 
 
-@pytest.mark.parametrize("preset,best", [("smollm2-pareto.yaml", "front-*.yaml"), ("smollm2-small.yaml", "top-*.yaml")])
-def test_cli_end_to_end_with_plots(tmp_path, capsys, preset, best):
+@pytest.mark.parametrize("preset,best,plot", [("smollm2-pareto.yaml", "front-*.yaml", "pareto.png"),
+                                               ("smollm2-small.yaml", "top-*.yaml", "evaluations.png")])
+def test_cli_end_to_end_with_plots(tmp_path, capsys, preset, best, plot):
     out = tmp_path / "run"
     args = ["--config", str(REPO / "configs/search" / preset), "--evaluator", "toy", "--out", str(out),
             "--generations", "2", "--population", "6", "--workers", "0", "--no-wandb"]
     assert main(args) == 0
-    for name in ("state.json", "front.json", "pareto.png", "fitness.png", "search.yaml"):
+    for name in ("state.json", "front.json", plot, "fitness.png", "search.yaml"):
         assert (out / name).is_file(), name
     assert list((out / "best").glob(best))
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
