@@ -77,13 +77,18 @@ def test_loss_aware_beats_plain_svd_on_kl():
     assert kl["whiten"] < kl["svd"]
 
 
-def test_keep_dense_layers_stay_dense_and_budget_holds():
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keep_dense_layers_stay_dense_and_budget_holds(keep):
     model = tiny_model("qwen3")
-    cfg = make_config(dict(method="svd", ratio=1.3, keep_dense=[0], allocation="uniform"))
+    last = max(t.layer for t in find_targets(model))
+    cfg = make_config(dict(method="svd", ratio=1.3, keep_dense=[keep], allocation="uniform"))
     result = compress_(model, cfg, random_blocks(4, 16), progress=False)
     for t in find_targets(model):
-        assert isinstance(model.get_submodule(t.name), FactorizedLinear) == (t.layer != 0)
+        assert isinstance(model.get_submodule(t.name), FactorizedLinear) == (t.layer != (keep % (last + 1)))
     assert result.linear_ratio >= 1.3
+    with pytest.raises(VacError, match="-1 for the last"):
+        compress_(tiny_model("qwen3"), make_config(dict(method="svd", ratio=1.3, keep_dense=[last + 1])),
+                  random_blocks(2, 8), progress=False)
 
 
 def test_ratio_too_high_for_uniform_ranks():

@@ -66,7 +66,8 @@ class CompressConfig:
                          "loss under one budget) | uniform (same ratio per matrix)")
     multipliers: dict = _f({}, "per-component or per-kind budget multipliers for knapsack, e.g. "
                            "{attention: 1.2, mlp: 0.9}")
-    keep_dense: list = _f([], "decoder layer indices whose linears stay dense")
+    keep_dense: list = _f([], "decoder layer indices whose linears stay dense; negative counts from the end "
+                              "([0,-1]: the first and the last, which the search found worth keeping)")
     compress_all: bool = _f(False, "knapsack: every target must be factorized (no 'keep dense' option)")
     rank_grid: int = _f(8, "knapsack ranks are multiples of this (use the quantization group size)")
     # --- data -----------------------------------------------------------------------------------

@@ -79,10 +79,11 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
     family = get_family(model)
     all_targets = find_targets(model)
     num_layers = len(decoder_layers(model))
-    bad = [l for l in cfg.keep_dense if not 0 <= l < num_layers]
+    bad = [l for l in cfg.keep_dense if not -num_layers <= l < num_layers]
     if bad:
-        raise VacError(f"--keep-dense layers {bad} out of range 0..{num_layers - 1}")
-    targets = [t for t in all_targets if t.layer not in set(cfg.keep_dense)]
+        raise VacError(f"--keep-dense layers {bad} out of range: use 0..{num_layers - 1}, or -1 for the last")
+    keep = {l % num_layers for l in cfg.keep_dense}  # -1 = the last layer, on any depth
+    targets = [t for t in all_targets if t.layer not in keep]
     result = CompressionResult(ranks={t.name: None for t in all_targets}, targets=all_targets)
     modules = {t.name: model.get_submodule(t.name) for t in targets}
     need_grads = method.needs_output_grads or method.needs_fisher or cfg.allocation == "knapsack"
