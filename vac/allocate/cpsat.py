@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from vac.allocate.options import Allocation, Group, _check_feasible, _make_allocation, _validate, _validate_caps
-from vac.allocate.presolve import _candidates, _presolve, _rel_gap
+from vac.allocate.options import Allocation, Group, _make_allocation
+from vac.allocate.presolve import _candidates, _prepare, _rel_gap
 
 
 #: CP-SAT needs integer objective coefficients. The loss of the incumbent (the greedy
@@ -75,10 +75,7 @@ def solve(groups: list[Group], budget: int, *, time_limit: float = 30.0, workers
     from ortools.sat.python import cp_model  # heavy import, only when solving
 
     t0 = time.perf_counter()
-    _validate(groups, budget)
-    caps = _validate_caps(groups, component_caps)
-    _check_feasible(groups, budget, caps)
-    pre = _presolve(groups, budget, caps)
+    pre, caps = _prepare(groups, budget, component_caps)
     greedy_choice = [opts[p] for opts, p in zip(pre.pareto, pre.pos)]
     if pre.incumbent <= 0:  # every group already at its best option: nothing to trade
         return _make_allocation(groups, greedy_choice, budget, "OPTIMAL", 0.0, t0, caps)

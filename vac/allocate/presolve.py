@@ -130,6 +130,14 @@ def _polish(pre: _Presolved, groups: list[Group], budget: int, caps: dict[str, i
         pre.incumbent = math.fsum(pre.loss[pre.current()])
 
 
+def _prepare(groups: list[Group], budget: int, component_caps: dict[str, int] | None) -> tuple[_Presolved, dict]:
+    """Validation, the feasibility check and the presolve: where greedy and CP-SAT both start."""
+    _validate(groups, budget)
+    caps = _validate_caps(groups, component_caps)
+    _check_feasible(groups, budget, caps)
+    return _presolve(groups, budget, caps), caps
+
+
 def greedy(groups: list[Group], budget: int, *, component_caps: dict[str, int] | None = None) -> Allocation:
     """Efficiency greedy: start from each group's cheapest option, upgrade by best loss drop per param.
 
@@ -140,9 +148,6 @@ def greedy(groups: list[Group], budget: int, *, component_caps: dict[str, int] |
     within 1e-4 of the optimum. ``gap`` is against the LP bound (which ignores caps).
     """
     t0 = time.perf_counter()
-    _validate(groups, budget)
-    caps = _validate_caps(groups, component_caps)
-    _check_feasible(groups, budget, caps)
-    pre = _presolve(groups, budget, caps)
+    pre, caps = _prepare(groups, budget, component_caps)
     chosen = [opts[p] for opts, p in zip(pre.pareto, pre.pos)]
     return _make_allocation(groups, chosen, budget, "GREEDY", _rel_gap(pre.incumbent, pre.bound), t0, caps)
