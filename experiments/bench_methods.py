@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--allocation", default=None, help="default: the pipeline's (vac.config)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args(argv)
-    runs = [r for g in args.grid for r in GRIDS[g]] + args.runs + args.configs
+    runs = [(parse_run, r) for g in args.grid for r in GRIDS[g]] + [(parse_run, r) for r in args.runs]
+    runs += [(_from_yaml, path) for path in args.configs]
     if not runs:
         p.error("nothing to run: give --grid, --runs and/or --configs")
 
@@ -107,9 +108,9 @@ def main(argv=None) -> int:
               "|---|---|---|---|---|---|---|---|---|")
     print(header, flush=True)
     dense_ppl = None
-    for spec in runs:
-        from_yaml = spec in args.configs
-        overrides = _from_yaml(spec) if from_yaml else parse_run(spec)
+    for read, spec in runs:
+        from_yaml = read is _from_yaml
+        overrides = read(spec)
         cfg = make_config({**base, **overrides})
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()

@@ -82,8 +82,11 @@ class ToyEvaluator:
     NAMED_ORDER_PENALTY = {"middle-out": 0.0, "back-to-front": 0.3, "front-to-back": 0.6, "one-shot": 1.0}
 
     def __init__(self, delay: float = 0.0):
+        from vac.config import CompressConfig
+
         self.delay = delay
         self.calls = 0
+        self.defaults = CompressConfig().to_dict()  # what a config leaves out, as vac.compress would
 
     @staticmethod
     def order_penalty(order) -> float:
@@ -98,9 +101,7 @@ class ToyEvaluator:
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
-        from vac.config import CompressConfig  # keys a config leaves out take vac.compress's defaults
-
-        config = {**CompressConfig().to_dict(), **config}
+        config = {**self.defaults, **config}
         method = config["method"]
         if method == "fisher":
             exp_pen = (config["fisher_exponent"] - 0.25) ** 2

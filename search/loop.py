@@ -18,7 +18,6 @@ import math
 import random
 import shutil
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,8 @@ def _jsonable(x):
 
 
 class Search:
-    """One search run in ``run_dir`` over ``space``, evaluating through ``executor.map``.
+    """One search run in ``run_dir`` over ``space``, evaluating through the executor's
+    ``imap`` (results as they finish) or ``map``.
 
     ``base_config``: fixed ``CompressConfig`` keys merged under every genome's keys (sent to
     the evaluator and written into the genome YAMLs). ``references``: name -> config of

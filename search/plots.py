@@ -17,7 +17,7 @@ REF_STYLES = (":", "-.", (0, (5, 2)), (0, (1, 3)))
 
 
 def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path: Path,
-                *, quality_label: str = "quality (lower is better)", pareto: bool = True,
+                *, quality_label: str = "quality (lower is better)",
                 references: dict[str, dict[str, Any]] | None = None) -> None:
     """Every evaluated genome (coloured by the generation that found it), the front, and the
     hand-made references (crosses)."""
@@ -30,16 +30,14 @@ def plot_pareto(entries: list[dict[str, Any]], front: list[dict[str, Any]], path
         fig.colorbar(sc, ax=ax, label="generation found")
     if front:
         xs, ys = [e["ratio"] for e in front], [e["quality"] for e in front]
-        if pareto:
-            ax.step(xs, ys, where="pre", color="tab:red", lw=1.2, alpha=0.8)
-        ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=60, lw=1.5,
-                   label="Pareto front" if pareto else "best")
+        ax.step(xs, ys, where="pre", color="tab:red", lw=1.2, alpha=0.8)
+        ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=60, lw=1.5, label="Pareto front")
     for name, ref in (references or {}).items():
         ax.scatter([ref["ratio"]], [ref["quality"]], marker="X", s=80, color="black", zorder=3)
         ax.annotate(name, (ref["ratio"], ref["quality"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("achieved ratio (higher is better)")
     ax.set_ylabel(quality_label)
-    ax.set_title("Pareto front" if pareto else "evaluated genomes")
+    ax.set_title("Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     fig.tight_layout()
