@@ -34,8 +34,8 @@ from .operators import SEED_ORDERS, Variation, make_offspring
 from .pareto import best_by_quality, hypervolume, nondominated, valid
 from .plots import plot_evaluations, plot_fitness, plot_pareto
 from .space import FitnessPareto, FitnessSingle, Individual, SearchSpace
-from .state import (atomic_write_json, individual_from_dict, individual_to_dict, isolated_rng, read_json,
-                    rng_state, set_rng_state)
+from .state import (atomic_write_json, atomic_write_text, individual_from_dict, individual_to_dict, isolated_rng,
+                    read_json, rng_state, set_rng_state)
 from .tracking import NullTracker
 
 STATE_FILE = "state.json"
@@ -348,7 +348,7 @@ class Search:
         shutil.rmtree(self.run_dir / "best", ignore_errors=True)
         tmp.rename(self.run_dir / "best")
         if not pareto and self.front:
-            (self.run_dir / "best.yaml").write_text(self._genome_yaml(self.front[0]))
+            atomic_write_text(self.run_dir / "best.yaml", self._genome_yaml(self.front[0]))
         atomic_write_json(self.run_dir / "front.json", {"generation": self.generation, "mode": self.settings.mode,
                                                          "front": self.front, "references": self.references})
         if self.plots:
