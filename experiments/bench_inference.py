@@ -243,7 +243,7 @@ def bench_gpu_layers(cfg: dict, ratio: float, device, dtype, tokens: list[int], 
 
 def _factorize_random_(model: nn.Module, ratio: float, packed: str | None, group_size: int) -> None:
     from vac.families import find_targets
-    from vac.pipeline import replace_linear
+    from vac.home import replace_module as replace_linear
 
     dtype = next(model.parameters()).dtype
     for t in find_targets(model):

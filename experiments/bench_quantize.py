@@ -56,7 +56,7 @@ def factor_bytes(directory) -> int:
 def factorize(model, cfg, calib, cache: str | None):
     """compress_ in place, or restore the factors saved by an earlier run with the same options."""
     from vac.layers import FactorizedLinear
-    from vac.pipeline import replace_linear
+    from vac.home import replace_module as replace_linear
 
     key = {k: v for k, v in cfg.to_dict().items() if k not in ("eval_samples", "out", "overwrite", "evaluate")}
     if cache and os.path.isfile(cache):

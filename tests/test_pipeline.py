@@ -32,10 +32,10 @@ def test_named_orders():
 def test_layers_are_compressed_in_the_stated_order(order, monkeypatch):
     model = tiny_model_with_layers(4)
     seen = []
-    import vac.pipeline as pl
+    from vac.home import InMemoryHome
 
-    real = pl._factorize_target
-    monkeypatch.setattr(pl, "_factorize_target", lambda m, t, *a: (seen.append(t.layer), real(m, t, *a)))
+    real = InMemoryHome.commit
+    monkeypatch.setattr(InMemoryHome, "commit", lambda self, l, *a: (seen.append(l), real(self, l, *a)))
     compress_(model, make_config(dict(method="whiten", ratio=1.5, order=order, batch_size=4, allocation="uniform")),
               random_blocks(4, 16), progress=False)
     layers = list(dict.fromkeys(seen))
@@ -128,28 +128,6 @@ def test_knapsack_may_keep_matrices_dense():
         assert isinstance(model.get_submodule(t.name), FactorizedLinear) != kept
 
 
-def test_one_shot_knapsack_reuses_the_allocation_covariances(monkeypatch):
-    """Caching the allocator's covariances changes nothing but the number of passes."""
-    import vac.pipeline as pl
-    import vac.sequential as sq
-
-    calls = []
-    real = sq.PairedInputStats.collect
-    monkeypatch.setattr(sq.PairedInputStats, "collect", lambda self, *a, **k: (calls.append(self.l), real(self, *a, **k))[1])
-    calib, logits = random_blocks(8, 32), []
-    for limit in (pl.COV_CACHE_BYTES, 0):
-        monkeypatch.setattr(pl, "COV_CACHE_BYTES", limit)
-        calls.clear()
-        model = tiny_model("llama", seed=4)
-        compress_(model, make_config(dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, batch_size=4,
-                                          order="one-shot",
-                                          fisher_samples=2)), calib, progress=False)
-        with torch.no_grad():
-            logits.append(model(input_ids=calib[:2]).logits)
-        assert len(calls) == (2 if limit else 4)  # 2 layers: one pass each, or two without the cache
-    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
-
-
 def _input_cov(model, name: str, blocks: torch.Tensor, other=None) -> torch.Tensor:
     """sum x x^T of a linear's inputs over ``blocks`` (or sum x_other x^T with another model's)."""
     xs = {}
@@ -168,45 +146,51 @@ def _input_cov(model, name: str, blocks: torch.Tensor, other=None) -> torch.Tens
 def test_matrix_granularity_sees_earlier_stages_of_the_same_layer_compressed(monkeypatch):
     """Per matrix, o_proj's statistics come from the model with this layer's q/k/v already factorized,
     and the dense-target cross-covariance pairs them with the dense model's inputs token by token."""
-    import vac.pipeline as pl
+    import vac.executor as ex
 
     dense = tiny_model("llama", seed=5)
     model = copy.deepcopy(dense)
     calib = random_blocks(4, 16)
     checked = []
-    real = pl._factorize_target
+    real = ex.collect_stage
 
-    def spy(m, t, rank, stats, *a):
-        if t.kind in ("o_proj", "down_proj") and t.layer == 1:
-            assert isinstance(m.get_submodule(t.name.replace(t.kind, "q_proj" if t.kind == "o_proj" else "gate_proj")),
-                              FactorizedLinear)
-            torch.testing.assert_close(stats.C.double(), _input_cov(m, t.name, calib), rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(stats.C_cross.double(), _input_cov(m, t.name, calib, other=dense),
-                                       rtol=1e-4, atol=1e-4)
-            checked.append(t.kind)
-        return real(m, t, rank, stats, *a)
+    def spy(home, l, names, *a, **k):
+        stats = real(home, l, names, *a, **k)
+        for sub, name in names.items():
+            kind = sub.rsplit(".", 1)[-1]
+            if kind in ("o_proj", "down_proj") and l == 1:
+                assert isinstance(model.get_submodule(name.replace(kind, "q_proj" if kind == "o_proj" else "gate_proj")),
+                                  FactorizedLinear)
+                torch.testing.assert_close(stats.C[name].double(), _input_cov(model, name, calib), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(stats.C_cross[name].double(), _input_cov(model, name, calib, other=dense),
+                                           rtol=1e-4, atol=1e-4)
+                checked.append(kind)
+        return stats
 
-    monkeypatch.setattr(pl, "_factorize_target", spy)
+    monkeypatch.setattr(ex, "collect_stage", spy)
     compress_(model, make_config(dict(method="whiten", ratio=1.5, order="front-to-back", granularity="matrix",
                                       objective="dense-target", allocation="uniform", batch_size=2)),
               calib, progress=False)
     assert checked == ["o_proj", "down_proj"]
 
 
-def test_dense_cache_reuses_dense_statistics_and_changes_nothing(monkeypatch):
-    """The search's per-process cache: the second compression skips the gradient pass and the
+def test_stats_store_reuses_dense_statistics_and_changes_nothing(monkeypatch):
+    """The search's per-process store: the second compression skips the gradient pass and the
     allocator's spectra, and gives bitwise the same model; other keep-dense sets still work."""
     import vac.pipeline as pl
+    from vac.statstore import StatsStore
 
     calls = []
-    real = pl.collect_gradient_stats
-    monkeypatch.setattr(pl, "collect_gradient_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = pl.profile_gradients
+    monkeypatch.setattr(pl, "profile_gradients", lambda home, blocks, targets, store, **k: (
+        calls.append(1) if not all(store.has_layer(t.layer, [t.name]) for t in targets) else None,
+        real(home, blocks, targets, store, **k))[1])
     calib = random_blocks(8, 32)
     cfg = dict(method="kfac", ratio=1.5, allocation="knapsack", rank_grid=4, batch_size=4, fisher_samples=2)
-    logits, cache = [], {}
-    for dense_cache in (None, cache, cache):
+    logits, cache = [], StatsStore()
+    for store in (None, cache, cache):
         model = tiny_model("llama", seed=6)
-        compress_(model, make_config(cfg), calib, progress=False, dense_cache=dense_cache)
+        compress_(model, make_config(cfg), calib, progress=False, store=store)
         with torch.no_grad():
             logits.append(model(input_ids=calib[:2]).logits)
     assert len(calls) == 2  # without the cache, then once for the cache
@@ -214,5 +198,5 @@ def test_dense_cache_reuses_dense_statistics_and_changes_nothing(monkeypatch):
     torch.testing.assert_close(logits[2], logits[0], atol=0, rtol=0)
     model = tiny_model("llama", seed=6)
     result = compress_(model, make_config({**cfg, "keep_dense": [1], "ratio": 1.3}), calib, progress=False,
-                       dense_cache=cache)
+                       store=cache)
     assert len(calls) == 2 and all(result.ranks[t.name] is None for t in find_targets(model) if t.layer == 1)

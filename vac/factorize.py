@@ -85,26 +85,121 @@ def psd_powers(C: torch.Tensor, *powers: float, eps: float = 1e-12) -> list[torc
 
 
 class SymEig:
-    """The eigendecomposition of a damped symmetric PSD matrix, kept to take several powers of it.
+    """The eigendecomposition of a symmetric PSD matrix M, kept to take several powers of its
+    damped form M + damp * mean(diag M) * I.
 
-    The pipeline decomposes each output-gradient covariance G once and hands this to both the
-    allocator (G^1/2) and the factorization (G^a, G^-a) instead of decomposing G twice.
+    The pipeline decomposes each output-gradient covariance G once (while profiling, one layer
+    at a time), stores it undamped, and hands it to both the allocator (G^1/2) and the
+    factorization (G^a, G^-a). Damping shifts every eigenvalue by the same amount, so one stored
+    decomposition serves any ``damp``.
+
+    Two forms of one formula, M = U diag(evals) U^T + tail (I - U U^T):
+
+    * full: U is m x m and the tail term vanishes;
+    * thin: U is m x k. G = sum_t g_t g_t^T over T < m gradient tokens has rank <= T, so it is
+      exactly its T nonzero eigenpairs with tail 0: ``from_rows`` gets them from the T x T Gram
+      matrix, O(T^2 m) instead of the O(m^3) of a full eigendecomposition, and stores m x T.
+      ``rank`` truncates a full decomposition the same way, with the mean of the dropped
+      eigenvalues as the tail (the trace is kept), to bound the statistics store on very wide
+      matrices.
     """
 
-    def __init__(self, M: torch.Tensor, damp: float = DEFAULT_DAMP, eps: float = 1e-12):
+    def __init__(self, M: torch.Tensor | None = None, damp: float | None = DEFAULT_DAMP, eps: float = 1e-12,
+                 rank: int | None = None):
+        # damp None: the raw decomposition (what the store keeps); a number: damped and floored
+        self.damp, self.eps = None, eps
+        self.tail: float | None = None
+        if M is None:  # filled in by a constructor classmethod
+            return
         dtype = compute_dtype(M.device)
-        C = damped(M.to(dtype), damp)
-        evals, evecs = torch.linalg.eigh(C)
-        self.evals = evals.clamp_min(evals.max().clamp_min(0) * eps + torch.finfo(dtype).tiny)
-        self.evecs = evecs
+        M = M.to(dtype)
+        evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
+        self.mean_diag = float(torch.diagonal(M).mean())
+        self.evals, self.evecs = evals.clamp_min(0), evecs
+        if rank is not None and rank < len(evals):
+            # eigh sorts ascending: keep the top ``rank``, replace the rest by their mean
+            self.tail = float(self.evals[:-rank].mean())
+            self.evals, self.evecs = self.evals[-rank:].clone(), self.evecs[:, -rank:].clone()
+        if damp is not None:
+            self._damp_(damp)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, damp: float | None = None, eps: float = 1e-12) -> "SymEig":
+        """The decomposition of M = rows^T rows (rows: T x m, T < m) in thin form."""
+        self = cls(eps=eps)
+        R = rows.to(compute_dtype(rows.device))
+        lam, V = torch.linalg.eigh(R @ R.T)  # the nonzero spectrum of M, from the T x T Gram
+        keep = lam > lam.max().clamp_min(0) * 1e-12
+        lam, V = lam[keep], V[:, keep]
+        self.evecs = (R.T @ V) / lam.sqrt()[None, :]  # unit eigenvectors of M for those eigenvalues
+        self.evals, self.tail = lam, 0.0
+        self.mean_diag = float(R.square().sum() / R.shape[1])
+        if damp is not None:
+            self._damp_(damp)
+        return self
+
+    def damped(self, damp: float) -> "SymEig":
+        """M + damp * mean(diag M) * I, decomposed (eigenvalues shifted, then floored)."""
+        if self.damp is not None:
+            raise ValueError("damped() takes a raw (undamped) decomposition")
+        out = SymEig(eps=self.eps)
+        out.evecs, out.evals, out.tail, out.mean_diag = self.evecs, self.evals, self.tail, self.mean_diag
+        out._damp_(damp)
+        return out
+
+    def _damp_(self, damp: float) -> None:
+        dtype = self.evals.dtype
+        tiny = torch.finfo(dtype).tiny
+        lam = damp * max(self.mean_diag, tiny)
+        evals = self.evals + lam
+        # the same floor as psd_power, so that negative powers stay finite without damping
+        top = max(float(evals.max()) if evals.numel() else 0.0, (self.tail or 0.0) + lam, 0.0)
+        floor = top * self.eps + tiny
+        self.evals = evals.clamp_min(floor)
+        if self.tail is not None:
+            self.tail = max(self.tail + lam, floor)
         self.damp = damp
 
     @property
     def shape(self) -> torch.Size:
-        return self.evecs.shape
+        m = self.evecs.shape[0]
+        return torch.Size((m, m))
+
+    @property
+    def thin(self) -> bool:
+        return self.tail is not None
 
     def power(self, p: float) -> torch.Tensor:
-        return (self.evecs * self.evals.pow(p)) @ self.evecs.T
+        if not self.thin:
+            return (self.evecs * self.evals.pow(p)) @ self.evecs.T
+        t = self.tail ** p  # U diag(e^p) U^T + t^p (I - U U^T) = U diag(e^p - t^p) U^T + t^p I
+        out = (self.evecs * (self.evals.pow(p) - t)) @ self.evecs.T
+        out.diagonal().add_(t)
+        return out
+
+    def to(self, device=None, dtype=None) -> "SymEig":
+        out = SymEig(eps=self.eps)
+        out.evals, out.evecs = self.evals.to(device, dtype), self.evecs.to(device, dtype)
+        out.tail, out.mean_diag, out.damp = self.tail, self.mean_diag, self.damp
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """For the statistics store (``from_tensors`` reads them back)."""
+        if self.damp is not None:
+            raise ValueError("store the raw (undamped) decomposition")
+        out = {"evecs": self.evecs.contiguous(), "evals": self.evals.contiguous(),
+               "mean_diag": torch.tensor([self.mean_diag], dtype=torch.float64)}
+        if self.thin:
+            out["tail"] = torch.tensor([self.tail], dtype=torch.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SymEig":
+        self = cls()
+        self.evecs, self.evals = tensors["evecs"], tensors["evals"]
+        self.mean_diag = float(tensors["mean_diag"][0])
+        self.tail = float(tensors["tail"][0]) if "tail" in tensors else None
+        return self
 
 
 def sqrt_and_inverse(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,9 @@ class Family:
     model_type: str
     #: dotted path from the *ForCausalLM to the ModuleList of decoder layers
     layers_path: str = "model.layers"
+    #: the final norm and the LM head: a layer-streamed pass computes logits as head(norm(h_L))
+    norm_path: str = "model.norm"
+    head_path: str = "lm_head"
     #: target linears inside one decoder layer, by component
     attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

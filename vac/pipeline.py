@@ -1,12 +1,16 @@
-"""Sequential application of a method in an order: the ``compress_`` entry point.
+"""Compression of a model in place: the ``compress_`` entry point, and ``compress_home`` under it.
 
-    stats (gradients, once) -> ranks (uniform or knapsack) -> for each layer in order:
-        inputs the layer will see -> statistics -> weighted SVD -> FactorizedLinear in place
+    profile (dense gradients, backward one layer at a time) -> statistics store
+    allocate (spectra, one forward sweep) -> knapsack ranks
+    factorize (a plan of steps, one executor, one layer at a time) -> factorized layers in the home
 
-Gradient statistics (G for kfac, diagonal Fisher for fisher) come from the dense model, once:
-recomputing them after each step would cost a full backward pass per layer, while the input
-statistics, which the closed-loop objectives depend on, are recomputed from cached hidden states
-at the cost of one decoder layer per step (see vac/sequential.py).
+Every stage touches one decoder layer at a time (vac/profile.py, vac/executor.py); what
+depends only on the dense model and the calibration data (G, Fisher diagonals, allocation
+spectra) lives in a :class:`~vac.statstore.StatsStore`, so it is measured once and, for the
+evolutionary search, shared by every strategy scored against the same model and data.
+Gradient statistics come from the dense model only: recomputing them after each step would
+cost a backward sweep per layer, while the input statistics, which the closed-loop objectives
+depend on, are remeasured at the cost of one decoder layer per step.
 """
 
 from __future__ import annotations
@@ -17,17 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from vac import factorize as fz
 from vac.config import CompressConfig
 from vac.errors import VacError
-from vac.families import ATTENTION, Target, decoder_layers, find_targets, get_family
+from vac.executor import SequentialExecutor, plan_steps
+from vac.families import ATTENTION, Target, find_targets
+from vac.hidden import HiddenStore
+from vac.home import InMemoryHome, ModelHome
 from vac.layers import FactorizedLinear, factorized_params
 from vac.methods import METHODS, TargetStats
 from vac.plan import layer_order, uniform_ranks
-from vac.sequential import LayerRunner, PairedInputStats
-from vac.stats import collect_gradient_stats
+from vac.profile import allocation_spectra, profile_gradients
+from vac.statstore import StatsStore
 
 log = logging.getLogger(__name__)
 
@@ -62,146 +67,99 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def replace_linear(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
-
-
 def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_blocks: torch.Tensor | None = None,
-              progress: bool = True, dense_cache: dict | None = None) -> CompressionResult:
+              progress: bool = True, store: StatsStore | None = None,
+              hidden: HiddenStore | None = None) -> CompressionResult:
     """Factorize ``model``'s target linears in place following ``cfg``; returns ranks and timings.
 
-    ``dense_cache``: a dict owned by the caller for one dense model and one calibration set, which
-    compresses many fresh copies of that model (the evolutionary search). What depends only on the
-    dense model (gradient statistics and the allocator's spectra) is computed once and kept there.
+    ``store``: statistics of the dense model kept by the caller for one model and one calibration
+    set, to compress many fresh copies of it (the evolutionary search): gradient statistics and
+    the allocator's spectra are then measured once. ``hidden`` bounds the RAM of cached hidden
+    states (spilling the rest to disk).
     """
+    return compress_home(InMemoryHome(model), cfg, calib, grad_blocks=grad_blocks, progress=progress, store=store,
+                         hidden=hidden)
+
+
+def compress_home(home: ModelHome, cfg: CompressConfig, calib: torch.Tensor, *,
+                  grad_blocks: torch.Tensor | None = None, progress: bool = True, store: StatsStore | None = None,
+                  hidden: HiddenStore | None = None) -> CompressionResult:
+    """Factorize the targets of the model behind ``home`` (in memory, or a checkpoint on disk)."""
     method = METHODS[cfg.method]
-    family = get_family(model)
-    all_targets = find_targets(model)
-    num_layers = len(decoder_layers(model))
+    all_targets = find_targets(home.model)
+    num_layers = home.num_layers
     bad = [l for l in cfg.keep_dense if not -num_layers <= l < num_layers]
     if bad:
         raise VacError(f"--keep-dense layers {bad} out of range: use 0..{num_layers - 1}, or -1 for the last")
     keep = {l % num_layers for l in cfg.keep_dense}  # -1 = the last layer, on any depth
     targets = [t for t in all_targets if t.layer not in keep]
     result = CompressionResult(ranks={t.name: None for t in all_targets}, targets=all_targets)
-    modules = {t.name: model.get_submodule(t.name) for t in targets}
-    need_grads = method.needs_output_grads or method.needs_fisher or cfg.allocation == "knapsack"
     timings = result.timings
     budget = result.dense_target_params / cfg.ratio - sum(t.dense_params for t in all_targets if t not in targets)
     _check_feasible(targets, budget, cfg)  # before any expensive statistics
-
-    # 1. gradient statistics from the dense model (once)
-    G: dict[str, torch.Tensor] = {}
-    F: dict[str, torch.Tensor] = {}
-    if need_grads:
-        t0 = time.perf_counter()
-        want_g = method.needs_output_grads or cfg.allocation == "knapsack"
-        key = ("gradients", cfg.fisher_samples, cfg.damp, want_g, method.needs_fisher)
-        if dense_cache is not None and key in dense_cache:
-            G, F = dense_cache[key]
-        else:
+    shared = store is not None  # a caller's store serves strategies with other keep-dense layers
+    store = store if store is not None else StatsStore()
+    own_hidden = hidden is None
+    hidden = hidden if hidden is not None else HiddenStore()
+    want_g = method.needs_output_grads or cfg.allocation == "knapsack"
+    try:
+        # 1. gradient statistics of the dense model, backward one layer at a time
+        if want_g or method.needs_fisher:
+            t0 = time.perf_counter()
             blocks = grad_blocks if grad_blocks is not None else calib[: cfg.fisher_samples]
-            # a shared cache serves strategies with other keep-dense layers: measure every target
-            measured = modules if dense_cache is None else {t.name: model.get_submodule(t.name) for t in all_targets}
-            stats = collect_gradient_stats(model, measured, blocks, output_cov=want_g, fisher=method.needs_fisher,
-                                           progress=progress)
-            F = {n: stats.fisher_mean(n) for n in stats.fisher} if method.needs_fisher else {}
-            # decomposed once: the allocator takes G^1/2, the factorization G^a and G^-a
-            for name in list(stats.G):
-                G[name] = fz.SymEig(stats.G.pop(name), cfg.damp)
-            del stats
-            if dense_cache is not None:
-                dense_cache[key] = (G, F)
-        timings["gradient_stats"] = time.perf_counter() - t0
+            profile_gradients(home, blocks, all_targets if shared else targets, store, output_cov=want_g,
+                              fisher=method.needs_fisher, hidden=hidden, progress=progress)
+            timings["gradient_stats"] = time.perf_counter() - t0
 
-    # hidden states are needed only by methods that read layer inputs (and by the allocator)
-    runner = None
-    if method.needs_inputs or cfg.allocation == "knapsack":
+        # 2. ranks
         t0 = time.perf_counter()
-        runner = LayerRunner(model, calib, cfg.batch_size)
-        timings["capture"] = time.perf_counter() - t0
-
-    # 2. ranks
-    t0 = time.perf_counter()
-    cov_cache = None
-    if cfg.allocation == "uniform":
-        eff_ratio = sum(t.dense_params for t in targets) / budget
-        result.ranks.update(uniform_ranks(targets, eff_ratio))
-    else:
-        # one-shot factorization needs exactly the input covariances the allocator measures:
-        # keep them (within a memory cap) instead of a second pass over every layer
-        cov_cache = {} if cfg.order == "one-shot" and method.needs_inputs else None
-        spectra = None if dense_cache is None else dense_cache.setdefault(("spectra", cfg.damp), {})
-        result.ranks.update(_knapsack_ranks(runner, targets, G, cfg, budget, result, progress, cov_cache,
-                                            spectra))
-    timings["allocation"] = time.perf_counter() - t0
-
-    # 3. factorize in order
-    t0 = time.perf_counter()
-    one_shot = cfg.order == "one-shot"
-    order = layer_order(cfg.order, num_layers)
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        if result.ranks[t.name] is not None:
-            by_layer.setdefault(t.layer, []).append(t)
-    front_to_back = order == sorted(order)
-    steps = [l for l in order if l in by_layer]
-    for l in tqdm(steps, desc=f"factorize ({cfg.method}, {cfg.order})", disable=not progress, unit="layer"):
-        layer_targets = by_layer[l]
-        if not method.needs_inputs:  # svd, fisher: weights (and gradients) only
-            for t in layer_targets:
-                _factorize_target(model, t, result.ranks[t.name], TargetStats(G=G.get(t.name), F=F.get(t.name)),
-                                  method, cfg, result)
-            continue
-        if one_shot and cov_cache and all(t.name in cov_cache for t in layer_targets):
-            for t in layer_targets:
-                s = TargetStats(C=cov_cache.pop(t.name), G=G.get(t.name), F=F.get(t.name))
-                _factorize_target(model, t, result.ranks[t.name], s, method, cfg, result)
-            continue
-        if one_shot:
-            current, dense, cross = runner.dense_inputs(l), None, False
+        if cfg.allocation == "uniform":
+            eff_ratio = sum(t.dense_params for t in targets) / budget
+            result.ranks.update(uniform_ranks(targets, eff_ratio))
         else:
-            current = runner.current_inputs(l)
-            cross = cfg.objective == "dense-target" and any(k < l for k in runner.changed)
-            dense = runner.dense_inputs(l) if cross else None
-        prefix = f"{family.layers_path}.{l}."
-        # one-shot statistics all come from the dense model, so granularity makes no difference there
-        per_matrix = cfg.granularity == "matrix" and not one_shot
-        if per_matrix:  # one step per shared-input stage: q/k/v (and gate/up) see the same inputs
-            stage = {t.name: family.stage_of(t.name[len(prefix):]) for t in layer_targets}
-            groups = [[t for t in layer_targets if stage[t.name] == i] for i in sorted(set(stage.values()))]
-        else:
-            groups = [layer_targets]
-        for group in groups:
-            stats_in = None
-            if method.needs_inputs:
-                if per_matrix:
-                    runner.snapshot_dense(l)
-                # per matrix, earlier matrices of this same layer change the inputs of later ones
-                cross_here = cross or (per_matrix and cfg.objective == "dense-target")
-                stats_in = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in group},
-                                            cross=cross_here)
-                unchanged = one_shot or not any(k < l for k in runner.changed)
-                dense_out = stats_in.collect(current, dense if dense is not None else runner.dense_inputs(l),
-                                             current_is_dense=unchanged and group is groups[0],
-                                             want_dense_out=group is groups[0])
-                if group is groups[0]:
-                    runner.offer_dense(l + 1, dense_out)
-            # dense[l+1] must exist before layer l changes: later steps may start from it
-            runner.dense_inputs(l + 1)
-            for t in group:
-                s = TargetStats(G=G.get(t.name), F=F.get(t.name))
-                if stats_in is not None:
-                    s.C = stats_in.C[t.name]
-                    s.C_cross = stats_in.C_cross.get(t.name)
-                _factorize_target(model, t, result.ranks[t.name], s, method, cfg, result)
-        runner.release_dense(l)
-        if not one_shot:
-            runner.mark_changed(l)
-        if front_to_back:
-            runner.drop_dense_below(l)
-    timings["factorize"] = time.perf_counter() - t0
+            key = f"damp={cfg.damp!r}"
+            spectra = store.spectra(key)
+            missing = [t for t in (all_targets if shared else targets) if t.name not in spectra]
+            if missing:
+                spectra.update(allocation_spectra(home, calib, missing, store, damp=cfg.damp,
+                                                  batch_size=cfg.batch_size, progress=progress))
+                store.put_spectra(key, spectra)
+            result.ranks.update(_knapsack_ranks(targets, spectra, cfg, budget, result))
+        timings["allocation"] = time.perf_counter() - t0
+
+        # 3. factorize in order, one step (a stage, or a layer) at a time
+        t0 = time.perf_counter()
+        chosen = [t for t in targets if result.ranks[t.name] is not None]
+        per_matrix = cfg.granularity == "matrix" and cfg.order != "one-shot"
+        family = home.family
+        steps = plan_steps(layer_order(cfg.order, num_layers), chosen,
+                           lambda t: family.stage_of(t.name[len(home.layer_prefix(t.layer)):]), per_matrix)
+
+        def fit(t: Target, module: nn.Module, C, C_cross) -> FactorizedLinear:
+            W = module.weight.detach()
+            stats = TargetStats(C=C, C_cross=C_cross)
+            if method.needs_output_grads:
+                G = store.G(t.layer, t.name)
+                stats.G = G.to(W.device).damped(cfg.damp) if G is not None else None
+            if method.needs_fisher:
+                stats.F = store.F(t.layer, t.name).to(W.device)
+            f = method.fit(W, stats, result.ranks[t.name], cfg)
+            bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+            result.spectra.setdefault(t.name, f.spectrum.cpu())
+            return FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)
+
+        executor = SequentialExecutor(home, calib, batch_size=cfg.batch_size, one_shot=cfg.order == "one-shot",
+                                      dense_target=cfg.objective == "dense-target", per_matrix=per_matrix,
+                                      hidden=hidden, fit=fit, progress=progress,
+                                      desc=f"factorize ({cfg.method}, {cfg.order})")
+        if method.needs_inputs:
+            executor.run(steps)
+        else:  # svd, fisher: weights (and gradients) only
+            executor.run_weights_only(steps)
+        timings["factorize"] = time.perf_counter() - t0
+    finally:
+        if own_hidden:
+            hidden.close()
     _check_plan(result, cfg)
     return result
 
@@ -221,70 +179,24 @@ def _check_feasible(targets: list[Target], budget: float, cfg: CompressConfig) -
                        f"about {dense / smallest:.1f}")
 
 
-def _factorize_target(model, t: Target, rank: int, stats: TargetStats, method, cfg, result) -> None:
-    module = model.get_submodule(t.name)
-    W = module.weight.detach()
-    f = method.fit(W, stats, rank, cfg)
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    new = FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)
-    replace_linear(model, t.name, new)
-    result.spectra.setdefault(t.name, f.spectrum.cpu())
-
-
-#: input covariances kept between the allocation and a one-shot factorization pass, at most
-COV_CACHE_BYTES = 2 * 1024**3
-
-
-def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, result, progress,
-                    cov_cache: dict | None = None, spectra: dict | None = None) -> dict:
+def _knapsack_ranks(targets: list[Target], spectra: dict[str, torch.Tensor], cfg, budget, result) -> dict:
     """Options per target from the tail of its K-FAC-weighted spectrum, then CP-SAT.
 
     The predicted loss of rank r is sum_{k>r} sigma_k^2 of G^1/2 W C^1/2: to second order the loss
     increase of a perturbation under the Kronecker-factored Fisher, so options of different
     matrices are in the same units and can be traded against each other.
     """
+    from vac import factorize as fz
     from vac.allocate import Group, allocate, rank_options
 
-    groups = []
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer, []).append(t)
     use_kind = any(k not in (ATTENTION, "mlp") for k in cfg.multipliers)
-
-    def add_group(t: Target, spectrum: torch.Tensor) -> None:
+    groups = []
+    for t in targets:
+        spectrum = spectra[t.name]
         result.spectra[t.name] = spectrum.float().cpu()
         opts = rank_options(t.out_features, t.in_features, fz.tail_energy(spectrum.double()), grid=cfg.rank_grid,
                             allow_dense=not cfg.compress_all)
         groups.append(Group(name=t.name, component=t.kind if use_kind else t.component, options=opts))
-
-    for l in tqdm(sorted(by_layer), desc="spectra for allocation", disable=not progress, unit="layer"):
-        if spectra is not None and all(t.name in spectra for t in by_layer[l]):  # the dense model's, measured before
-            for t in by_layer[l]:
-                add_group(t, spectra[t.name])
-            continue
-        prefix = t_prefix(by_layer[l][0])
-        stats = PairedInputStats(runner, l, {t.name: t.name[len(prefix):] for t in by_layer[l]}, cross=False)
-        stats.collect(runner.dense_inputs(l), None)
-        roots: dict[int, torch.Tensor] = {}  # targets reading the same input share C (q/k/v, gate/up)
-        for t in by_layer[l]:
-            W = runner.layers[l].get_submodule(t.name[len(prefix):]).weight.detach()
-            dtype = fz.compute_dtype(W.device)
-            left = G[t.name].power(0.5).to(dtype)
-            C = stats.C[t.name]
-            if id(C) not in roots:
-                roots[id(C)] = fz.psd_power(fz.damped(C.to(dtype), cfg.damp), 0.5)
-            right = roots[id(C)]
-            if cov_cache is not None:
-                cov_cache[t.name] = C
-            spectrum = torch.linalg.svdvals(left @ W.to(dtype) @ right)
-            if spectra is not None:
-                spectra[t.name] = spectrum.cpu()
-            add_group(t, spectrum)
-        if cov_cache is not None:
-            unique = {id(c): c for c in cov_cache.values()}.values()
-            if sum(c.numel() * c.element_size() for c in unique) > COV_CACHE_BYTES:
-                cov_cache.clear()  # too big to keep: the factorization pass recomputes them
-                cov_cache = None
     dense_by = {}
     for t in targets:
         key = t.kind if use_kind else t.component
@@ -294,11 +206,6 @@ def _knapsack_ranks(runner: LayerRunner, targets: list[Target], G, cfg, budget, 
     result.allocation = {"status": alloc.status, "gap": alloc.gap, "seconds": alloc.seconds,
                          "predicted_loss": alloc.total_loss, "budget": alloc.budget}
     return {name: opt.rank for name, opt in alloc.choices.items()}
-
-
-def t_prefix(t: Target) -> str:
-    """'model.layers.3.' for a target of layer 3."""
-    return t.name[: t.name.index(f".{t.layer}.") + len(f".{t.layer}.")]
 
 
 def _check_plan(result: CompressionResult, cfg: CompressConfig) -> None:

@@ -396,11 +396,11 @@ def _quantize_layers_calibrated(model, modules: dict, calib_blocks: torch.Tensor
     from tqdm.auto import tqdm
 
     from vac.families import get_family
-    from vac.sequential import LayerRunner
+    from vac.home import InMemoryHome
     from vac.stats import InputCovariance
 
     family = get_family(model)
-    runner = LayerRunner(model, calib_blocks, batch_size)
+    home = InMemoryHome(model)
     by_layer: dict[int, dict[str, torch.nn.Module]] = {}
     outside = {}
     for name, mod in modules.items():
@@ -412,14 +412,16 @@ def _quantize_layers_calibrated(model, modules: dict, calib_blocks: torch.Tensor
             outside[name] = mod
     for name, mod in outside.items():  # no decoder-layer inputs to calibrate on: plain rounding
         quantize_one(name, mod, None)
-    hidden = runner.dense.pop(0)
+    hidden, inputs = home.capture(calib_blocks, batch_size)
     last = max(by_layer, default=-1)
     for l in tqdm(range(last + 1), desc=desc, disable=not progress, unit="layer"):
-        layer = runner.layers[l]
+        layer = home.current_layer(l)
         if l in by_layer:
             with InputCovariance(by_layer[l]) as cov:
-                runner.run_layer(layer, hidden, before_batch=lambda b: cov.new_pass())
+                for b, h in enumerate(hidden):
+                    cov.new_pass()
+                    home.run(layer, h, inputs, b)
             for name, mod in by_layer[l].items():
                 quantize_one(name, mod, cov.get(name))
         if l < last:
-            hidden = runner.run_layer(layer, hidden)
+            hidden = home.run_all(layer, hidden, inputs)

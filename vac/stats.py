@@ -17,7 +17,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -80,10 +79,15 @@ class GradientStats:
     ``end_sequence()`` after each.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], output_cov: bool = True, fisher: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], output_cov: bool = True, fisher: bool = False,
+                 keep_rows: set[str] = frozenset()):
         self.modules = modules
         self.want_g, self.want_f = output_cov, fisher
+        #: modules whose gradient rows are kept instead of G = sum g g^T: with fewer tokens than
+        #: output features the rows are the smaller of the two, and give G's eigenpairs cheaply
+        self.keep_rows = set(keep_rows)
         self.G: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
         self.fisher: dict[str, torch.Tensor] = {}
         self.sequences = 0
         self._handles: list = []
@@ -110,6 +114,9 @@ class GradientStats:
     def _hook(self, name: str):
         def hook(module, grad_input, grad_output):
             g = _flat(grad_output[0])
+            if name in self.keep_rows:
+                self.rows.setdefault(name, []).append(g.detach())
+                return
             acc = self.G.get(name)
             if acc is None:
                 self.G[name] = g.T @ g
@@ -132,38 +139,11 @@ class GradientStats:
                 self.fisher[name] = sq
             mod.weight.grad = None
 
+    def rows_of(self, name: str) -> torch.Tensor:
+        return torch.cat(self.rows.pop(name))
+
     def fisher_mean(self, name: str) -> torch.Tensor:
         return self.fisher[name] / max(self.sequences, 1)
-
-
-def collect_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], sequences: torch.Tensor,
-                           *, output_cov: bool = True, fisher: bool = False,
-                           progress: bool = False) -> GradientStats:
-    """Run the LM loss forward+backward one sequence at a time, with only ``modules`` hooked.
-
-    Every parameter is frozen except (for Fisher) the target weights, so the backward pass does
-    no work on weights nobody asked about.
-    """
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    stats = GradientStats(modules, output_cov=output_cov, fisher=fisher)
-    # without any trainable leaf before the hooks, autograd would not reach the targets: make
-    # the input embeddings require grad (cheap: no weight gradient is formed).
-    embed = model.get_input_embeddings()
-    handle = embed.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    try:
-        with stats:
-            for seq in tqdm(sequences, desc="gradient statistics", disable=not progress, unit="seq"):
-                ids = seq[None].to(next(model.parameters()).device)
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-                out.loss.backward()
-                stats.end_sequence()
-    finally:
-        handle.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-    return stats
 
 
 def hook_count(modules: Iterable[nn.Module]) -> int:

@@ -36,10 +36,12 @@ def _base(spec_json: str):
 
 
 @functools.lru_cache(maxsize=2)
-def _dense_cache(spec_json: str) -> dict:
+def _stats_store(spec_json: str):
     """What compress_ measures on the dense model (gradient statistics, allocation spectra): the
     same for every genome scored against one base model and calibration set, so kept per process."""
-    return {}
+    from vac.statstore import StatsStore
+
+    return StatsStore()
 
 
 def evaluate_strategy(model_spec: dict, config: dict) -> dict:
@@ -54,7 +56,7 @@ def evaluate_strategy(model_spec: dict, config: dict) -> dict:
                        "seq_len": calib.shape[1], "evaluate": False, "out": None})
     model = copy.deepcopy(loaded.model)
     t0 = time.perf_counter()
-    result = compress_(model, cfg, calib, progress=False, dense_cache=_dense_cache(json.dumps(spec, sort_keys=True)))
+    result = compress_(model, cfg, calib, progress=False, store=_stats_store(json.dumps(spec, sort_keys=True)))
     seconds = time.perf_counter() - t0
     metrics = compare({"c": model}, heldout, reference=loaded.model, progress=False)["c"]
     return {"quality": metrics[spec["metric"]], "ratio": result.linear_ratio, "ppl": metrics["ppl"],
