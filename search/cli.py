@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         wandb_opts = dict(cfg.wandb)
         enabled = wandb_opts.pop("enabled", True) and not args.no_wandb
         tracker = WandbTracker(name=run_dir.name, **wandb_opts) if enabled else NullTracker()
-        executor = make_executor(cfg.executor, cfg.evaluator_spec(), workers=cfg.workers, address=cfg.address,
+        spec = cfg.evaluator_spec()
+        if spec.kind == "compression" and cfg.executor == "local":
+            # one statistics store for the machine's workers: the dense model is profiled once per run
+            spec.options.setdefault("stats_dir", str(run_dir / "stats"))
+        executor = make_executor(cfg.executor, spec, workers=cfg.workers, address=cfg.address,
                                  gpus_per_actor=cfg.gpus_per_actor, cpus_per_actor=cfg.cpus_per_actor,
                                  runtime_env=cfg.runtime_env)
         try:

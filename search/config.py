@@ -73,6 +73,11 @@ class SearchConfig:
             raise VacError("'references:' must map a name to compression config keys, e.g. "
                            "{default: {ratio: 1.8, method: kfac}}")
         valid_keys = {f.name for f in fields(CompressConfig)}
+        base = data.get("compress_base") or {}
+        if base.get("objective", "dense-target") != "dense-target":
+            # genomes are made canonical (genes that do nothing dropped) for the default objective
+            raise VacError("compress_base sets objective, which the search does not vary; the search assumes "
+                           "objective dense-target")
         for name, ref in refs.items():
             if bad := sorted(set(ref) - valid_keys):
                 raise VacError(f"reference {name!r} has keys {bad} that vac.compress does not know")

@@ -89,7 +89,12 @@ class Genome:
     # ---- compression config -------------------------------------------------------------
 
     def to_config(self) -> dict[str, Any]:
-        """The ``CompressConfig`` keys this genome sets, normalised (see module docstring)."""
+        """The ``CompressConfig`` keys this genome sets, normalised (see module docstring). Genes that
+        do nothing in this genome's combination (kfac_in_exponent under per-matrix refits, the order
+        of a weights-only method, multipliers without the knapsack) are left out, so genomes that
+        differ only there are one strategy, with one key."""
+        from vac.config import effective
+
         config: dict[str, Any] = {"method": self.method}
         if self.method == "fisher":
             config["fisher_exponent"] = _round(self.exponent)
@@ -102,7 +107,7 @@ class Genome:
         config["multipliers"] = {k: _round(self.multipliers[k]) for k in sorted(self.multipliers)}
         config["keep_dense"] = sorted({int(i) for i in self.keep_dense})
         config["ratio"] = _round(self.ratio)
-        return config
+        return effective(config)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, strict: bool = True) -> Genome:
@@ -111,12 +116,11 @@ class Genome:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown and strict:
             raise VacError(f"not genome keys: {unknown}; a genome YAML holds only {CONFIG_KEYS}")
-        for required in ("order", "ratio"):
-            if required not in config:
-                raise VacError(f"genome config lacks {required!r}")
+        if "ratio" not in config:
+            raise VacError("genome config lacks 'ratio'")
         method = config.get("method", "kfac")
         exponent = config.get("fisher_exponent" if method == "fisher" else "kfac_out_exponent", 0.25)
-        order = config["order"]
+        order = config.get("order", "front-to-back")  # absent for methods that read weights only
         return cls(order=order if isinstance(order, str) else [int(i) for i in order],
                    ratio=float(config["ratio"]), method=method,
                    exponent=float(exponent) if exponent is not None else 0.25,
@@ -135,7 +139,11 @@ class Genome:
     def to_yaml(self, base: dict[str, Any] | None = None) -> str:
         """YAML usable as ``python -m vac.compress --config``; ``base`` adds fixed keys
         (genes win on a clash)."""
-        return dump_config({**(base or {}), **self.to_config()})
+        from vac.config import effective
+
+        # base keys that do nothing in this genome's combination are left out: the YAML then
+        # runs as is (vac.compress rejects options that would be ignored)
+        return dump_config(effective({**(base or {}), **self.to_config()}))
 
     @classmethod
     def from_yaml(cls, text: str, *, strict: bool = True) -> Genome:

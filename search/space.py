@@ -119,6 +119,11 @@ class SearchSpace:
                 self.real_genes.append((name, low, high))
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise VacError(f"search space {name}: expected a number or [low, high], got {value!r}")
+        if _is_range(self.in_exponent) and ("kfac" not in self.method or self.granularity == ("matrix",)):
+            # the default objective (dense-target) refits every matrix with C~ whitened exactly
+            raise VacError("search space in_exponent is a range but can have no effect: it is kfac's input-side "
+                           "exponent, and under per-matrix dense-target refits (granularity matrix) C~ is whitened "
+                           "exactly; fix it (in_exponent: 0.5) or search granularity: [layer, matrix]")
         low_ratio = self.real_genes[0][1] if self.real_genes and self.real_genes[0][0] == "ratio" else self.ratio
         if not low_ratio > 1.0:
             raise VacError(f"search space ratio must be > 1, got {self.ratio}")
@@ -196,8 +201,13 @@ class SearchSpace:
     def encode(self, genome: Genome, fitness_cls) -> Individual:
         """Genes of ``genome`` in this space (values outside bounds are clipped; fixed genes
         are not stored)."""
+        order = genome.order
         if self.free_order:
-            if isinstance(genome.order, str) or len(genome.order) != self.num_layers:
+            if isinstance(order, str) and order in NAMED_ORDERS:  # e.g. a weights-only genome, which has none
+                from vac.plan import layer_order
+
+                order = layer_order(order, self.num_layers)
+            if isinstance(order, str) or len(order) != self.num_layers:
                 raise VacError(f"genome order {genome.order!r} is not a permutation of {self.num_layers} layers")
         flat = {"ratio": genome.ratio, "exponent": genome.exponent, "in_exponent": genome.in_exponent,
                 **{f"multipliers.{k}": v for k, v in genome.multipliers.items()}}
@@ -210,4 +220,4 @@ class SearchSpace:
                 raise VacError(f"genome {name} {value!r} is not among the space's choices {choices}")
             cats.append(choices.index(value))
         bits = [int(layer in genome.keep_dense) for layer in self.keep_dense]
-        return self.new_individual(list(genome.order) if self.free_order else [], reals, cats, bits, fitness_cls)
+        return self.new_individual(list(order) if self.free_order else [], reals, cats, bits, fitness_cls)

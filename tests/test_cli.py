@@ -19,18 +19,17 @@ def corpus(tmp_path):
     return p
 
 
-def base_args(model_dir, corpus, out=None):
+def base_args(model_dir, corpus, out=None, evaluate=False):
     args = ["--model", str(model_dir), "--calib-data", str(corpus), "--eval-data", str(corpus),
-            "--calib-samples", "8", "--eval-samples", "4", "--seq-len", "32", "--batch-size", "4",
-            "--fisher-samples", "2", "--no-evaluate"]
+            "--calib-samples", "8", "--seq-len", "32", "--batch-size", "4"]
+    args += ["--eval-samples", "4"] if evaluate else ["--no-evaluate"]
     return args + (["--out", str(out)] if out else [])
 
 
 def test_compress_end_to_end(tiny_dir, corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    args = base_args(tiny_dir, corpus, out)
-    args.remove("--no-evaluate")
-    assert main(args + ["--ratio", "1.5", "--method", "kfac", "--order", "front-to-back"]) == 0
+    args = base_args(tiny_dir, corpus, out, evaluate=True)
+    assert main(args + ["--ratio", "1.5", "--method", "kfac", "--order", "front-to-back", "--fisher-samples", "2"]) == 0
     for name in ("config.json", "model.safetensors", "modeling_vac.py", "tokenizer.json", "report.json",
                  "report.md", "ranks.png"):
         assert (out / name).is_file(), name
@@ -154,8 +153,7 @@ def test_shipped_configs_parse():
 
 def test_compress_with_quantized_factors_and_card(tiny_dir, corpus, tmp_path):
     out = tmp_path / "out"
-    args = base_args(tiny_dir, corpus, out)
-    args.remove("--no-evaluate")
+    args = base_args(tiny_dir, corpus, out, evaluate=True)
     assert main(args + ["--ratio", "1.5", "--method", "whiten", "--allocation", "uniform", "--quantize", "w4",
                         "--group-size", "32", "--quantize-compensate"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -170,9 +168,88 @@ def test_compress_with_quantized_factors_and_card(tiny_dir, corpus, tmp_path):
 
 def test_compress_then_recover(tiny_dir, corpus, tmp_path):
     out = tmp_path / "out"
-    args = base_args(tiny_dir, corpus, out)
-    args.remove("--no-evaluate")
+    args = base_args(tiny_dir, corpus, out, evaluate=True)
     assert main(args + ["--ratio", "1.5", "--method", "whiten", "--allocation", "uniform", "--recover-steps", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["steps"]
     assert report["evaluation"]["recovered"]["ppl"] > 0
+
+
+def _safetensors_dtypes(directory) -> set[str]:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            dtypes |= {str(h.get_slice(k).get_dtype()) for k in h.keys()}
+    return dtypes
+
+
+def test_bf16_export_reproduces_the_pipelines_logits_and_records_memory(tiny_dir, corpus, tmp_path):
+    """Weights rounded to the export dtype before use: the bf16 checkpoint, reloaded in float32, gives
+    exactly the logits the pipeline evaluated (the export check), and the report has time and memory."""
+    out = tmp_path / "out"
+    args = base_args(tiny_dir, corpus, out, evaluate=True) + ["--ratio", "1.5", "--export-dtype", "bfloat16",
+                                                              "--fisher-samples", "2"]
+    assert main(args) == 0
+    assert _safetensors_dtypes(out) == {"BF16"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtypes"] == {"arithmetic": "float32", "export": "bfloat16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    for stage in ("load", "compress", "compress/gradient_stats", "compress/factorize", "evaluate", "export"):
+        assert report["memory"][stage]["host_bytes"] > 0, stage
+    assert report["memory"]["compress/gradient_stats"]["disk_bytes"] > 0  # the statistics store
+    assert not (tmp_path / "out.work").exists()  # the work directory goes after a successful run
+
+
+def test_work_dir_is_kept_on_request_and_a_rerun_reuses_the_statistics(tiny_dir, corpus, tmp_path, monkeypatch):
+    import vac.profile as pr
+
+    work = tmp_path / "work"
+    args = base_args(tiny_dir, corpus) + ["--ratio", "1.5", "--fisher-samples", "2", "--work-dir", str(work),
+                                          "--keep-work"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (work / "stats").glob("layer_*.safetensors")) == ["layer_00000.safetensors",
+                                                                                    "layer_00001.safetensors"]
+    measured = []
+    real = pr.GradientStats.__init__
+    monkeypatch.setattr(pr.GradientStats, "__init__", lambda self, *a, **k: (measured.append(1), real(self, *a, **k))[1])
+    assert main(args) == 0
+    assert measured == []  # same model, data and settings: G comes from the store
+    assert main(args + ["--fisher-samples", "3"]) == 0
+    assert measured  # other gradient samples: measured afresh
+
+
+def test_dry_run_reads_no_weights(tiny_dir, corpus, capsys, monkeypatch):
+    import safetensors
+
+    def no_weights(*a, **k):
+        raise AssertionError("a dry run opened a weights file")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_weights)
+    monkeypatch.setattr("vac.home.SafetensorsSource.__init__", no_weights)
+    assert main(base_args(tiny_dir, corpus) + ["--dry-run", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "planned memory" in err and "no weights were loaded" in err
+
+
+@pytest.mark.parametrize("recipe", ["olmo3-7b-think-1.8x.yaml", "olmo3-32b-think-1.8x.yaml"])
+def test_dry_run_of_the_olmo3_recipes_offline(recipe, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = Path(__file__).resolve().parent.parent / "configs" / recipe
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "configs/models" in err and "peak" in err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--kfac-in-exponent", "0.3"], "whitens by C~ exactly"),
+    (["--method", "svd", "--order", "back-to-front"], "reads weights only"),
+    (["--allocation", "uniform", "--multipliers", "{attention: 1.2}"], "knapsack only"),
+    (["--group-size", "64"], "--quantize w4 only"),
+    (["--order", "one-shot", "--objective", "compressed-input"], "no closed loop"),
+])
+def test_options_that_would_do_nothing_are_rejected(tiny_dir, corpus, capsys, extra, needle):
+    _fails(base_args(tiny_dir, corpus) + extra, capsys, "has no effect", needle)

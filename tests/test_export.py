@@ -81,3 +81,26 @@ def test_export_is_atomic_on_failure(tmp_path):
         export(model, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks}, write_extras=boom)
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_streamed_export_writes_shards_that_reload_without_vac(tmp_path):
+    """export_home writes the checkpoint layer by layer in several shards with an index; it reloads
+    without vac and gives the logits of the streamed pipeline."""
+    from vac.export import export_home
+    from vac.home import CheckpointHome
+    from vac.pipeline import compress_home
+
+    dense = tiny_model("olmo3")
+    dense.save_pretrained(tmp_path / "dense", safe_serialization=True)
+    home = CheckpointHome(tmp_path / "dense", work_dir=tmp_path / "work")
+    calib = random_blocks(4, 16)
+    result = compress_home(home, make_config(dict(method="whiten", ratio=1.5, batch_size=4, allocation="uniform")),
+                           calib, progress=False)
+    out = export_home(home, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks},
+                      verify_ids=calib[:1], shard_bytes=20_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and all(name.endswith(f"-of-{len(shards):05d}.safetensors") for name in shards)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    torch.testing.assert_close(reload_without_vac(out, calib[:2], tmp_path), home.to_model()(input_ids=calib[:2]).logits,
+                               atol=1e-5, rtol=1e-4)

@@ -56,9 +56,11 @@ def tiny_model_with_layers(n: int):
 @pytest.mark.parametrize("order,granularity", [("one-shot", "layer"), ("front-to-back", "matrix"),
                                                ("middle-out", "layer")])
 def test_methods_compress_and_remove_their_hooks(method, order, granularity):
+    from vac.config import effective
+
     model = tiny_model("olmo3")
-    cfg = make_config(dict(method=method, ratio=1.6, order=order, granularity=granularity, batch_size=4,
-                           fisher_samples=2, allocation="uniform"))
+    cfg = make_config(effective(dict(method=method, ratio=1.6, order=order, granularity=granularity, batch_size=4,
+                                     fisher_samples=2, allocation="uniform")))
     result = compress_(model, cfg, random_blocks(8, 16), progress=False)
     assert hook_count(model.modules()) == 0
     assert result.linear_ratio >= 1.6

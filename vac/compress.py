@@ -1,16 +1,19 @@
 """``python -m vac.compress``: the whole default pipeline, as a thin shell over library calls.
 
-load -> data -> compress_ -> evaluate -> report -> export. Every stage is a plain function; this
-module only wires them, times them and prints the result.
+open (safetensors on disk, never loaded whole) -> data -> compress_home (one decoder layer at a
+time) -> evaluate (dense and compressed streamed side by side) -> report -> export (shards
+written layer by layer). Every stage is a plain function; this module only wires them, records
+their time and memory, and prints the result. Recovery and quantization work on the whole
+compressed model and load it into memory (compressed, it is ~1/ratio of the dense weights).
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import logging
 import shutil
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,23 +22,6 @@ from vac.config import CompressConfig, config_from_args
 from vac.errors import VacError
 
 log = logging.getLogger("vac")
-
-
-class Timer:
-    def __init__(self):
-        self.stages: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.stages[name] = timer.stages.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Stage()
 
 
 def load_data(cfg: CompressConfig, tokenizer):
@@ -52,111 +38,227 @@ def load_data(cfg: CompressConfig, tokenizer):
     return calib, evaluation
 
 
+def resolve_dtypes(cfg: CompressConfig, checkpoint, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(arithmetic dtype, export dtype) for ``--dtype`` / ``--export-dtype`` (see their help)."""
+    from vac.models import DTYPES
+
+    export = checkpoint.published_dtype if cfg.export_dtype == "auto" else DTYPES[cfg.export_dtype]
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype], export
+    # bf16/fp16 weights are exact in float32, and bf16 arithmetic on CPUs is slow
+    return (export if device.type != "cpu" else torch.float32), export
+
+
+def work_dir_for(cfg: CompressConfig) -> tuple[Path, bool]:
+    """(directory, whether VAC made it up): --work-dir, OUT.work beside --out, or a new temporary one."""
+    if cfg.work_dir:
+        return Path(cfg.work_dir).expanduser(), False
+    if cfg.out:
+        out = Path(cfg.out).expanduser()
+        return out.with_name(out.name + ".work"), True
+    return Path(tempfile.mkdtemp(prefix="vac-work-")), True
+
+
+def _fingerprint(cfg: CompressConfig, checkpoint, calib: torch.Tensor, dtype: torch.dtype) -> dict:
+    """What the dense model's statistics depend on: a rerun with the same ones reuses them."""
+    files = sorted(checkpoint.directory.glob("*.safetensors"))
+    return {"model": str(checkpoint.directory.resolve()),
+            "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+            "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+            "fisher_samples": cfg.fisher_samples, "grad_rank": cfg.grad_rank, "dtype": str(dtype),
+            "method": cfg.method}
+
+
 def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
     """Run the pipeline for a validated config; returns the report (also written to --out)."""
     from rich.console import Console
 
-    from vac.evaluate import compare
-    from vac.card import base_license, model_card
-    from vac.export import check_out_dir, checkpoint_bytes, export, measure_sizes
-    from vac.quantize import quantize_model_
-    from vac.families import get_family
-    from vac.models import load, resolve_device
-    from vac.pipeline import compress_, param_count
-    from vac.report import build_report, print_summary, write_report
-
     console = console or Console(stderr=True)
+    if cfg.dry_run:
+        from vac.dryrun import dry_run
+
+        return dry_run(cfg, console)
+    from vac.export import check_out_dir
+    from vac.models import open_checkpoint, resolve_device
+
     if cfg.out:
         check_out_dir(cfg.out, cfg.overwrite)  # fail before minutes of work, not after
-    timer = Timer()
     device = resolve_device(cfg.device)
-    with timer("load"):
-        loaded = load(cfg.model, cfg.dtype, str(device))
-    model, tok = loaded.model, loaded.tokenizer
-    family = get_family(model).model_type
-    with timer("data"):
-        calib, eval_blocks = load_data(cfg, tok)
-    console.print(f"[bold]VAC[/bold] {loaded.base_model} ({family}) -> ratio {cfg.ratio} with {cfg.method}; "
-                  f"calibration {tuple(calib.shape)}, evaluation {None if eval_blocks is None else tuple(eval_blocks.shape)}")
-    console.print({k: v for k, v in cfg.to_dict().items()})
-    dense_params = param_count(model)
-    recovering = cfg.recover_steps > 0 or cfg.recover_minutes > 0
-    dense = copy.deepcopy(model) if cfg.evaluate or recovering else None
+    from vac.memory import Stages
 
-    with timer("compress"):
-        result = compress_(model, cfg, calib, progress=progress)
+    stages = Stages(device)
+    with stages("load"):
+        checkpoint = open_checkpoint(cfg.model)
+    work, made_up = work_dir_for(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _run(cfg, checkpoint, device, work, stages, progress, console)
+    except BaseException:
+        if made_up and not cfg.out:
+            shutil.rmtree(work, ignore_errors=True)  # a temporary directory nobody could find again
+        raise
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stages, progress: bool, console) -> dict:
+    from vac.card import base_license, model_card
+    from vac.evaluate import compare_home
+    from vac.export import checkpoint_bytes, export, export_home
+    from vac.hidden import HiddenStore
+    from vac.home import CheckpointHome
+    from vac.pipeline import compress_home, param_count
+    from vac.quantize import quantize_model_
+    from vac.report import build_report, print_summary, write_report
+    from vac.statstore import StatsStore
+
+    dtype, export_dtype = resolve_dtypes(cfg, checkpoint, device)
+    with stages("load"):
+        home = CheckpointHome(checkpoint.directory, device=device, dtype=dtype, work_dir=work / "model",
+                              store_dtype=export_dtype, config=checkpoint.config)
+    tok = checkpoint.tokenizer
+    family = home.family.model_type
+    with stages("data"):
+        calib, eval_blocks = load_data(cfg, tok)
+    console.print(f"[bold]VAC[/bold] {checkpoint.base_model} ({family}, {home.num_layers} layers) -> ratio "
+                  f"{cfg.ratio} with {cfg.method}; calibration {tuple(calib.shape)}, evaluation "
+                  f"{None if eval_blocks is None else tuple(eval_blocks.shape)}; arithmetic {_name(dtype)}, "
+                  f"export {_name(export_dtype)}, on {device}")
+    console.print({k: v for k, v in cfg.to_dict().items()})
+    dense_params = param_count(home.model)
+    store = StatsStore(work / "stats", fingerprint=_fingerprint(cfg, checkpoint, calib, dtype))
+    hidden = HiddenStore(ram_bytes=int(cfg.hidden_ram_gb * (1 << 30)), spill_dir=work / "hidden")
+    try:
+        with stages("compress"):
+            result = compress_home(home, cfg, calib, progress=progress, store=store, hidden=hidden,
+                                   stages=stages.nested("compress"))
+    finally:
+        hidden.close()
+    if hidden.peak_disk_bytes:
+        stages.record_disk("compress/factorize", hidden.peak_disk_bytes + store.nbytes())
     evaluation: dict = {}
     if cfg.evaluate:
-        with timer("evaluate"):
+        with stages("evaluate"):
             evaluation = {"data": cfg.eval_data, "split": "eval", "seq_len": cfg.seq_len,
-                          **compare({"compressed": model}, eval_blocks, reference=dense, progress=progress)}
+                          **compare_home(home, eval_blocks, progress=progress)}
             evaluation["tokens"] = evaluation["dense"]["tokens"]
-    recovery = None
-    if recovering:
-        from vac.recover import load_recover_yaml, make_recover_config, recover_
-
-        values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
-                  "eval_samples": cfg.eval_samples, "seed": cfg.seed}
-        values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
-        values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
-        rcfg = make_recover_config(values)
-        # checkpoints live beside --out (not inside: the export is written atomically at the end);
-        # an interrupted run resumes from them unless --overwrite asks for a fresh start
-        run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
-        if run_dir is not None and cfg.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
-        with timer("recover"):
-            recovery = recover_(model, dense, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
-                                progress=progress, resume=resume)
-        if recovery.get("interrupted"):
-            raise VacError(f"recovery was interrupted ({recovery.get('signal')}); nothing was exported. Run the "
-                           "same command again to resume from the checkpoint in " + str(run_dir))
-        if cfg.evaluate:
-            evaluation["recovered"] = recovery["after"]["student"]
-    compressed_params = param_count(model)
-    sizes = {}
-    if cfg.out:
-        with timer("sizes"):  # bytes on disk, measured by writing the files (then deleted)
-            sizes["dense_bf16"] = measure_sizes(dense if dense is not None else model, methods=())["bf16"]
-            f = measure_sizes(model, group_size=cfg.group_size)
-            sizes.update(factorized_bf16=f["bf16"], factorized_int8=f["int8"], factorized_w4=f["w4"])
+    compressed_params = dense_params - result.dense_target_params + result.compressed_target_params
+    model = None  # the whole compressed model, in memory: only recovery and quantization need it
+    recovery = _recover(cfg, home, tok, eval_blocks, evaluation, stages, progress) if _recovering(cfg) else None
+    if recovery is not None:
+        model = recovery.pop("model")
     quantized = None
     if cfg.quantize != "none":
-        with timer("quantize"):
+        if model is None:
+            model = home.to_model(device)
+        with stages("quantize"):
             quantized = quantize_model_(model, cfg.quantize, cfg.group_size, calib_blocks=calib,
                                         compensate=cfg.quantize_compensate, batch_size=cfg.batch_size,
                                         progress=progress)
         if cfg.evaluate:
-            with timer("evaluate"):
-                evaluation["quantized"] = compare({"q": model}, eval_blocks, reference=dense, progress=progress)["q"]
-    timings = {**{f"compress/{k}": v for k, v in result.timings.items()}, **timer.stages}
-    report = build_report(cfg=cfg, loaded=loaded, family=family, result=result, dense_model_params=dense_params,
+            with stages("evaluate"):
+                evaluation["quantized"] = compare_home(home, eval_blocks, models={"quantized": model},
+                                                       progress=progress)["quantized"]
+    timings = {**{f"compress/{k}": v for k, v in result.timings.items()},
+               **{k: v for k, v in stages.seconds.items() if not k.startswith("compress/")}}
+    report = build_report(cfg=cfg, loaded=checkpoint, family=family, result=result, dense_model_params=dense_params,
                           compressed_model_params=compressed_params, evaluation=evaluation, timings=timings)
+    report["dtypes"] = {"arithmetic": _name(dtype), "export": _name(export_dtype)}
     report["license"] = base_license(cfg.model)
     if recovery is not None:
         report["recovery"] = {k: recovery[k] for k in ("config", "steps", "tokens", "probes", "before", "after",
                                                       "history", "timings_s") if k in recovery}
     if quantized is not None:
         report["quantization"] = {k: v for k, v in quantized["config"].items() if k != "modules"} | quantized["stats"]
+    report["memory"] = stages.memory
     if cfg.out:
-        t0 = time.perf_counter()
-        report["size_bytes"] = sizes
-        vac_meta = {"version": report["vac_version"], "ranks": result.ranks, "base_model": loaded.base_model,
+        report["size_bytes"] = _sizes(home, cfg)
+        vac_meta = {"version": report["vac_version"], "ranks": result.ranks, "base_model": checkpoint.base_model,
                     "method": cfg.method, "ratio": cfg.ratio}
+        export_stage = stages("export")
 
         def extras(tmp: Path) -> None:
             report["size_bytes"]["checkpoint"] = checkpoint_bytes(tmp)
             if recovery is not None and recovery.get("plot") and Path(recovery["plot"]).is_file():
                 shutil.copy2(recovery["plot"], tmp / "recover_curves.png")
-            report["timings_s"]["export"] = time.perf_counter() - t0
+            report["timings_s"]["export"] = stages.seconds.get("export", 0.0)
             write_report(tmp, report, result)
 
-        out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
-                     quantized=quantized, card=lambda tmp: model_card(report), verify_ids=calib[:1, :64])
+        with export_stage:
+            if model is not None:
+                out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
+                             quantized=quantized, card=lambda tmp: model_card(report), verify_ids=calib[:1, :64],
+                             dtype=export_dtype)
+            else:
+                out = export_home(home, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
+                                  card=lambda tmp: model_card(report), verify_ids=calib[:1, :64], progress=progress)
+        report["timings_s"]["export"] = stages.seconds["export"]
+        report["memory"] = stages.memory
+        write_report(out, report, plots=False)  # the export's own time and memory, now known
         console.print(f"wrote {out}")
     print_summary(report, console)
     return report
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _recovering(cfg: CompressConfig) -> bool:
+    return cfg.recover_steps > 0 or cfg.recover_minutes > 0
+
+
+def _recover(cfg: CompressConfig, home, tok, eval_blocks, evaluation: dict, stages, progress: bool) -> dict:
+    """Distil the compressed model from the dense one; both are loaded whole (training needs them)."""
+    from vac.recover import load_recover_yaml, make_recover_config, recover_
+
+    values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
+              "eval_samples": cfg.eval_samples, "seed": cfg.seed}
+    values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
+    values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
+    rcfg = make_recover_config(values)
+    # checkpoints live beside --out (not inside: the export is written atomically at the end);
+    # an interrupted run resumes from them unless --overwrite asks for a fresh start
+    run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
+    if run_dir is not None and cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    resume = run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir())
+    with stages("recover"):
+        model = home.to_model(home.device)
+        teacher = home.to_model(home.device, dense=True)
+        recovery = recover_(model, teacher, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
+                            progress=progress, resume=resume)
+        del teacher
+    if recovery.get("interrupted"):
+        raise VacError(f"recovery was interrupted ({recovery.get('signal')}); nothing was exported. Run the "
+                       "same command again to resume from the checkpoint in " + str(run_dir))
+    if cfg.evaluate:
+        evaluation["recovered"] = recovery["after"]["student"]
+    recovery["model"] = model
+    return recovery
+
+
+def _sizes(home, cfg: CompressConfig) -> dict[str, int]:
+    """Weight bytes of the dense model in bf16 and of the factorized one in bf16 / int8 / w4."""
+    from vac.export import weight_bytes
+
+    def shapes(model_params):
+        return [(k, tuple(p.shape), p.dtype) for k, p in model_params]
+
+    dense = weight_bytes(shapes(home.model.named_parameters()), set(), methods=())["bf16"]
+    prefix = home.family.layers_path + "."
+    params = [(k, p) for k, p in home.model.named_parameters() if not k.startswith(prefix)]
+    factors = set()
+    for l in range(home.num_layers):
+        layer = home.layer_skeleton(l, factorized=True)
+        for k, p in layer.named_parameters():
+            params.append((home.layer_prefix(l) + k, p))
+            if k.endswith((".down.weight", ".up.weight")):
+                factors.add(home.layer_prefix(l) + k)
+    f = weight_bytes(shapes(params), factors, group_size=cfg.group_size)
+    return {"dense_bf16": dense, "factorized_bf16": f["bf16"], "factorized_int8": f["int8"],
+            "factorized_w4": f["w4"]}
 
 
 def main(argv: list[str] | None = None) -> int:

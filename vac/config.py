@@ -24,6 +24,7 @@ GRANULARITIES = ("layer", "matrix")
 OBJECTIVES = ("dense-target", "compressed-input")
 ALLOCATIONS = ("uniform", "knapsack")
 QUANTIZATIONS = ("none", "int8", "w4")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def option(default, help: str, **kw):
@@ -77,6 +78,9 @@ class CompressConfig:
     calib_samples: int = _f(64, "number of calibration sequences")
     eval_samples: int = _f(32, "number of evaluation sequences")
     fisher_samples: int = _f(8, "calibration sequences used for gradient statistics (fisher, kfac)")
+    grad_rank: int | None = _f(None, "keep the top-k eigenpairs of each output-gradient covariance G and replace the "
+                               "rest by their mean (trace kept): bounds the statistics store on very wide layers "
+                               "(OLMo-3-32B gate/up: 27648^2 fp32 = 3 GB each). Default: exact", type=int)
     seq_len: int = _f(256, "tokens per sequence")
     batch_size: int = _f(8, "sequences per forward pass")
     seed: int = _f(0, "random seed (data sampling)")
@@ -91,10 +95,23 @@ class CompressConfig:
                                    "input covariance (closed form)")
     # --- runtime / output -------------------------------------------------------------------------
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
-    dtype: str = _f("float32", "model dtype for compression: float32 | bfloat16 | float16")
+    dtype: str = _f("auto", "arithmetic dtype: auto (the checkpoint's own on a GPU, float32 on CPU, where bf16 "
+                    "arithmetic is slow) | float32 | bfloat16 | float16. Statistics are accumulated in float32, "
+                    "solves run in float32 on GPU and float64 on CPU")
+    export_dtype: str = _f("auto", "dtype of the exported weights: auto (the base model's published dtype: "
+                           "bfloat16 for OLMo 3 and the bundled SmolLM2) | float32 | bfloat16 | float16. The "
+                           "pipeline computes with weights rounded to it, so it evaluates what it exports")
     out: str | None = _f(None, "output directory for the compressed checkpoint (omit to only evaluate)")
     overwrite: bool = _f(False, "allow writing into a non-empty --out")
     evaluate: bool = _f(True, "evaluate dense and compressed models on the evaluation split")
+    work_dir: str | None = _f(None, "where the statistics store, spilled hidden states and factorized layers go "
+                              "(default: OUT.work beside --out, else a temporary directory); removed after a "
+                              "successful run unless --keep-work. A rerun with the same model and data reuses "
+                              "its statistics")
+    keep_work: bool = _f(False, "keep --work-dir after a successful run")
+    hidden_ram_gb: float = _f(8.0, "host RAM for cached hidden states; past it they are spilled to --work-dir")
+    dry_run: bool = _f(False, "print the planned peak device / host / disk memory and passes per stage, from "
+                       "the config alone (no weights are loaded), then exit")
 
     def validate(self) -> "CompressConfig":
         r = self.ratio
@@ -115,17 +132,76 @@ class CompressConfig:
                               ("allocation", ALLOCATIONS), ("quantize", QUANTIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise VacError(f"unknown --{name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.grad_rank is not None and (isinstance(self.grad_rank, bool) or not isinstance(self.grad_rank, int)
+                                           or self.grad_rank < 1):
+            raise VacError(f"--grad-rank must be a positive integer, got {self.grad_rank!r}")
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size", "fisher_samples", "rank_grid"):
             if int(getattr(self, name)) < 1:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.quantize == "w4" and self.group_size not in (32, 64, 128):
             raise VacError(f"--group-size must be 32, 64 or 128 for w4, got {self.group_size}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise VacError(f"unknown --dtype {self.dtype!r}; choose float32, bfloat16 or float16")
+        for name in ("dtype", "export_dtype"):
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise VacError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; choose one of "
+                               f"{', '.join(DTYPE_NAMES)}")
+        if not (isinstance(self.hidden_ram_gb, (int, float)) and math.isfinite(self.hidden_ram_gb)
+                and self.hidden_ram_gb > 0):
+            raise VacError(f"--hidden-ram-gb must be a positive number of GiB, got {self.hidden_ram_gb!r}")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def ineffective(self, given: set[str]) -> list[str]:
+        """Messages for options in ``given`` (set explicitly) whose value would change nothing in this
+        combination. Only values that differ from the default count: repeating a default is harmless."""
+        defaults = CompressConfig()
+        why = self.no_effect()
+        return [f"--{k.replace('_', '-')} {getattr(self, k)!r} has no effect: {why[k]}"
+                for k in sorted(given) if k in why and getattr(self, k) != getattr(defaults, k)]
+
+    def no_effect(self) -> dict[str, str]:
+        """Option -> why it has no effect in this combination (whatever its value)."""
+        from vac.methods import METHODS
+
+        method = METHODS.get(self.method)
+        sequential = self.order != "one-shot"
+        why: dict[str, str] = {}
+        if self.method != "fisher":
+            why["fisher_exponent"] = f"it is used by --method fisher only, not {self.method}"
+        if self.method != "kfac":
+            why["kfac_out_exponent"] = why["kfac_in_exponent"] = f"it is used by --method kfac only, not {self.method}"
+        elif sequential and self.objective == "dense-target" and self.granularity == "matrix":
+            why["kfac_in_exponent"] = ("under --objective dense-target with --granularity matrix every matrix is "
+                                       "refitted by the dense-target closed form, which whitens by C~ exactly "
+                                       "(b = 1/2); use --objective compressed-input or --order one-shot to vary it")
+        if method is not None and not method.needs_inputs:
+            for k in ("order", "granularity", "objective"):
+                why[k] = f"--method {self.method} reads weights only, not layer inputs"
+        elif not sequential:
+            why["objective"] = "--order one-shot has no closed loop: every statistic is the dense model's"
+        if self.allocation != "knapsack":
+            for k in ("multipliers", "rank_grid", "compress_all"):
+                why[k] = "it applies to --allocation knapsack only"
+            if method is not None and not (method.needs_output_grads or method.needs_fisher):
+                why["fisher_samples"] = f"--method {self.method} with --allocation uniform uses no gradient statistics"
+            if method is not None and not method.needs_output_grads:
+                why["grad_rank"] = f"--method {self.method} with --allocation uniform uses no G"
+        if self.quantize != "w4":
+            why["group_size"] = "the group size applies to --quantize w4 only"
+        if self.quantize == "none":
+            why["quantize_compensate"] = "there is nothing to compensate without --quantize"
+        if not self.evaluate:
+            why["eval_samples"] = "--no-evaluate skips evaluation"
+        return why
+
+
+def effective(values: dict) -> dict:
+    """``values`` without the options that would have no effect given the others (whatever their value):
+    for configs assembled from parts, such as a search genome over a shared base."""
+    cfg = CompressConfig(**coerce_numbers(CompressConfig, values))
+    drop = cfg.no_effect()
+    return {k: v for k, v in values.items() if k not in drop}
 
 
 def load_yaml(path: str | Path, cls: type = None) -> dict:
@@ -182,6 +258,8 @@ def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParse
             continue
         if f.name == "order":
             kwargs["type"] = _parse_order
+        elif "type" in f.metadata:
+            kwargs["type"] = f.metadata["type"]
         elif isinstance(default, (list, dict)):
             kwargs["type"] = _parse_yaml_value
         elif isinstance(default, float):
@@ -211,13 +289,22 @@ def config_from_args(argv: list[str] | None = None, prog: str = "python -m vac.c
     return make_config(values)
 
 
-def make_config(values: dict) -> CompressConfig:
-    known = {f.name for f in dataclasses.fields(CompressConfig)}
-    unknown = sorted(set(values) - known)
+def make_config(values: dict, strict: bool = True) -> CompressConfig:
+    """A validated config from option values; with ``strict``, options set to values that would
+    have no effect in this combination are rejected (see ``CompressConfig.ineffective``)."""
+    unknown = sorted(set(values) - _FIELDS)
     if unknown:
-        raise VacError(f"unknown options {unknown}; valid: {', '.join(sorted(known))}")
-    return CompressConfig(**coerce_numbers(CompressConfig, values)).validate()
+        raise VacError(f"unknown options {unknown}; valid: {', '.join(sorted(_FIELDS))}")
+    cfg = CompressConfig(**coerce_numbers(CompressConfig, values)).validate()
+    ignored = cfg.ineffective(set(values)) if strict else []
+    if ignored:
+        raise VacError("; ".join(ignored) + ". Remove the option or change the combination")
+    return cfg
+
+
+_FIELDS = {f.name for f in dataclasses.fields(CompressConfig)}
 
 
 __all__ = ["CompressConfig", "build_parser", "config_from_args", "make_config", "load_yaml", "option", "coerce_numbers",
+           "effective",
            "ORDERS", "GRANULARITIES", "OBJECTIVES", "ALLOCATIONS"]

@@ -65,21 +65,78 @@ def export(model: nn.Module, tokenizer, out: str | Path, *, vac_meta: dict, over
     is written as README.md. With ``verify_ids``, the staged checkpoint is reloaded and must
     reproduce the logits of the (cast) model.
     """
-    out = check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if quantized is not None:
         _check_quantized(model, quantized)
         vac_meta = {**vac_meta, "quantization": {k: v for k, v in quantized["config"].items()}}
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = _cast_parameters(model, dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    config = model.config
-    saved = {k: getattr(config, k, None) for k in ("auto_map", "vac", "architectures")}
-    try:
+
+    def write_weights(tmp: Path) -> None:
+        config = model.config
+        saved = {k: getattr(config, k, None) for k in ("auto_map", "vac", "architectures")}
+        try:
+            config.auto_map = dict(AUTO_MAP)
+            config.vac = vac_meta
+            with _packed_factors(model, quantized):
+                model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    if hasattr(config, k):
+                        delattr(config, k)
+                else:
+                    setattr(config, k, v)
+
+    verify = (lambda tmp: verify_reload(model, tmp, verify_ids)) if verify_ids is not None else None
+    return _staged_export(out, overwrite, write_weights, tokenizer, write_extras, card, verify)
+
+
+def export_home(home, tokenizer, out: str | Path, *, vac_meta: dict, overwrite: bool = False,
+                write_extras: Callable[[Path], None] | None = None, verify_ids: torch.Tensor | None = None,
+                card: str | Callable[[Path], str] | None = None, shard_bytes: int = 2 << 30,
+                progress: bool = False) -> Path:
+    """Export the compressed model behind a :class:`~vac.home.CheckpointHome` without loading it whole.
+
+    Shards are written layer by layer (each holds at most ``shard_bytes`` before it is flushed),
+    in the home's ``store_dtype``, with the index ``save_pretrained`` would write. With
+    ``verify_ids``, the staged checkpoint is reloaded by ``from_pretrained`` (one model: the
+    pipeline never holds its own copy) and must reproduce the logits the pipeline computes by
+    streaming the same layers.
+    """
+    def write_weights(tmp: Path) -> None:
+        import copy
+
+        from tqdm.auto import tqdm
+
+        config = copy.deepcopy(home.config)
         config.auto_map = dict(AUTO_MAP)
         config.vac = vac_meta
-        with _packed_factors(model, quantized):
-            model.save_pretrained(tmp, safe_serialization=True)
+        config.architectures = [type(home.model).__name__]
+        config.dtype = home.store_dtype
+        config.save_pretrained(tmp)
+        generation = home.directory / "generation_config.json"
+        if generation.is_file():
+            shutil.copy2(generation, tmp / generation.name)
+
+        def tensors():
+            yield from home.outer_state().items()
+            for l in tqdm(range(home.num_layers), desc="export", disable=not progress, unit="layer"):
+                yield from home.layer_state(l).items()
+
+        write_sharded(tensors(), tmp, shard_bytes)
+
+    verify = (lambda tmp: verify_home_reload(home, tmp, verify_ids)) if verify_ids is not None else None
+    return _staged_export(out, overwrite, write_weights, tokenizer, write_extras, card, verify)
+
+
+def _staged_export(out, overwrite: bool, write_weights: Callable[[Path], None], tokenizer,
+                   write_extras, card, verify) -> Path:
+    """Assemble the checkpoint in a hidden sibling of ``out``, verify it, then rename it into place."""
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_weights(tmp)
         tokenizer.save_pretrained(tmp)
         for name in MODELING_FILES:
             shutil.copy2(modeling_dir() / name, tmp / name)
@@ -87,20 +144,52 @@ def export(model: nn.Module, tokenizer, out: str | Path, *, vac_meta: dict, over
             write_extras(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card(tmp) if callable(card) else card)
-        if verify_ids is not None:
-            verify_reload(model, tmp, verify_ids)
+        if verify is not None:
+            verify(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                if hasattr(config, k):
-                    delattr(config, k)
-            else:
-                setattr(config, k, v)
     return out
+
+
+def write_sharded(tensors, directory: Path, shard_bytes: int = 2 << 30) -> list[Path]:
+    """Write (name, tensor) pairs as ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
+    shards plus ``model.safetensors.index.json``, holding at most one shard in memory."""
+    from safetensors.torch import save_file
+
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        path = directory / f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append((path, list(shard)))
+
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        if shard and size + t.numel() * t.element_size() > shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
+    if shard or not files:
+        flush()
+    if len(files) == 1:
+        target = directory / "model.safetensors"
+        os.replace(files[0][0], target)
+        return [target]
+    weight_map, paths = {}, []
+    for i, (path, names) in enumerate(files, 1):
+        final = directory / f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(path, final)
+        paths.append(final)
+        weight_map.update({n: final.name for n in names})
+    write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                             "weight_map": weight_map})
+    return paths
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -181,8 +270,32 @@ def verify_reload(model: nn.Module, directory: Path, ids: torch.Tensor, atol: fl
     device = next(model.parameters()).device
     a = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
     b = reloaded.to(device)(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
-    diff = (a - b).abs().max().item()
-    tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, a.abs().max().item())
+    return _check_logits(a, b, dtype, atol)
+
+
+@torch.no_grad()
+def verify_home_reload(home, directory: Path, ids: torch.Tensor) -> float:
+    """Reload ``directory`` with trust_remote_code and compare its logits with the home's streamed ones."""
+    from transformers import AutoModelForCausalLM
+
+    h, inputs = home.capture(ids, ids.shape[0])
+    for l in range(home.num_layers):
+        h = home.run_all(home.current_layer(l), h, inputs)
+        home.release(l)
+    expected = home.logits(h[0]).float().cpu()
+    # reloaded in the pipeline's arithmetic dtype: the stored weights (bf16, say) are exact in it, so the
+    # logits must agree to rounding, which checks the files hold exactly the weights the pipeline used
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=home.dtype,
+                                                    device_map={"": home.device})
+    reloaded.eval()
+    got = reloaded(input_ids=ids.to(home.device), use_cache=False).logits.float().cpu()
+    del reloaded
+    return _check_logits(expected, got, home.dtype)
+
+
+def _check_logits(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype, atol: float | None = None) -> float:
+    diff = (expected - got).abs().max().item()
+    tol = atol if atol is not None else (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, expected.abs().max().item())
     if not diff <= tol:
         raise VacError(f"export check failed: the reloaded checkpoint's logits differ by {diff:.3g} (> {tol:.3g}); "
                        "nothing was written. Please report this as a bug")
@@ -190,7 +303,20 @@ def verify_reload(model: nn.Module, directory: Path, ids: torch.Tensor, atol: fl
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o):
@@ -225,52 +351,37 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_shards(tensors, directory: Path, shard_bytes: int = 2 << 30) -> None:
-    """Write (name, tensor) pairs into safetensors shards of about ``shard_bytes``, bounding memory."""
-    from safetensors.torch import save_file
-
-    shard: dict[str, torch.Tensor] = {}
-    size, index = 0, 0
-    for name, t in tensors:
-        shard[name] = t.detach().to("cpu").contiguous()
-        size += t.numel() * t.element_size()
-        if size >= shard_bytes:
-            save_file(shard, str(directory / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
-            shard, size, index = {}, 0, index + 1
-    if shard or index == 0:
-        save_file(shard, str(directory / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
-
-
-@torch.no_grad()
-def measure_sizes(model: nn.Module, methods: tuple[str, ...] = ("int8", "w4"), group_size: int = 128,
-                  float_dtype: torch.dtype = torch.bfloat16, scratch: str | Path | None = None) -> dict[str, int]:
-    """Bytes on disk of ``model`` written as safetensors, measured, in a scratch directory deleted after.
-
-    Returns ``{"bf16": n}`` (float tensors in ``float_dtype``) and, for each quantisation method
-    in ``methods``, the bytes with every factorized module's factors stored packed (plain
-    rounding, no calibration: compensation does not change sizes) and everything else in
-    ``float_dtype`` - exactly what an export with ``quantized=`` and ``dtype=float_dtype``
-    writes, less config and tokenizer files. The model is not modified.
-    """
-    from vac.quantize import factorized_modules, quantize
+def weight_bytes(shapes, factors: set[str], methods: tuple[str, ...] = ("int8", "w4"), group_size: int = 128,
+                 float_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of the weights (safetensors payload, headers excluded) of a model given as
+    (name, shape, dtype) triples: ``{"bf16": n}`` with floating tensors in ``float_dtype``, and for
+    each method in ``methods`` the same with every tensor named in ``factors`` stored packed -
+    exactly the tensors an export with ``quantized=`` and ``dtype=float_dtype`` writes. No
+    weight is read: a 32B model is accounted for as fast as a tiny one."""
+    from vac.quantize import quantized_nbytes
 
     name = str(float_dtype).removeprefix("torch.").replace("bfloat16", "bf16")
-    state = _unique_state(model)
-    factors = {f"{m}.{f}.weight" for m in factorized_modules(model) for f in ("down", "up")}
-    sizes: dict[str, int] = {}
-    for method in (None, *methods):
-        with tempfile.TemporaryDirectory(dir=scratch) as d:
-            def tensors():
-                for k, v in state.items():
-                    if method is not None and k in factors:
-                        base = k.removesuffix(".weight")
-                        for sub, packed in quantize(v, method, group_size).items():
-                            yield f"{base}.{sub}", packed
-                    else:
-                        yield k, v.to(float_dtype) if v.is_floating_point() else v
-            _write_shards(tensors(), Path(d))
-            sizes[method or name] = checkpoint_bytes(d)
+    fsize = torch.empty((), dtype=float_dtype).element_size()
+    sizes = {name: 0, **{m: 0 for m in methods}}
+    for key, shape, dtype in shapes:
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        plain = numel * (fsize if dtype.is_floating_point else torch.empty((), dtype=dtype).element_size())
+        sizes[name] += plain
+        for m in methods:
+            sizes[m] += quantized_nbytes(int(shape[0]), int(shape[1]), m, group_size) if key in factors else plain
     return sizes
+
+
+def measure_sizes(model: nn.Module, methods: tuple[str, ...] = ("int8", "w4"), group_size: int = 128,
+                  float_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """:func:`weight_bytes` of an in-memory model (tied tensors once), factorized modules' factors as factors."""
+    from vac.quantize import factorized_modules
+
+    factors = {f"{m}.{f}.weight" for m in factorized_modules(model) for f in ("down", "up")}
+    shapes = [(k, tuple(v.shape), v.dtype) for k, v in _unique_state(model).items()]
+    return weight_bytes(shapes, factors, methods, group_size, float_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,12 +116,21 @@ class SymEig:
         evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
         self.mean_diag = float(torch.diagonal(M).mean())
         self.evals, self.evecs = evals.clamp_min(0), evecs
-        if rank is not None and rank < len(evals):
-            # eigh sorts ascending: keep the top ``rank``, replace the rest by their mean
-            self.tail = float(self.evals[:-rank].mean())
-            self.evals, self.evecs = self.evals[-rank:].clone(), self.evecs[:, -rank:].clone()
+        if rank is not None:
+            self.truncate_(rank)
         if damp is not None:
             self._damp_(damp)
+
+    def truncate_(self, rank: int) -> "SymEig":
+        """Keep the top ``rank`` eigenpairs; the rest become the tail, at their mean (trace kept)."""
+        m, k = self.evecs.shape
+        if rank >= k:
+            return self
+        order = torch.argsort(self.evals, descending=True)
+        dropped = self.evals[order[rank:]].sum() + (self.tail or 0.0) * (m - k)
+        self.evals, self.evecs = self.evals[order[:rank]].clone(), self.evecs[:, order[:rank]].clone()
+        self.tail = float(dropped / (m - rank))
+        return self
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, damp: float | None = None, eps: float = 1e-12) -> "SymEig":

@@ -36,6 +36,7 @@ from torch import nn
 from vac.errors import VacError
 from vac.families import decoder_layers, get_family
 from vac.layers import FactorizedLinear
+from vac.weights import SafetensorsSource, empty_model, tied_source_name
 
 
 class _Stop(Exception):
@@ -205,113 +206,14 @@ class InMemoryHome(ModelHome):
         self._dense_copy.pop(l, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints on disk
-# ---------------------------------------------------------------------------------------------
-
-class SafetensorsSource:
-    """Tensors of a Hugging Face checkpoint directory, read one at a time with ``safe_open``."""
-
-    def __init__(self, directory: str | Path, config=None):
-        from safetensors import safe_open
-
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise VacError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
-            files = {name: self.directory / f for name, f in weight_map.items()}
-        else:
-            files = {}
-            for f in sorted(self.directory.glob("*.safetensors")):
-                with safe_open(str(f), framework="pt") as h:
-                    files.update({k: f for k in h.keys()})
-        if not files:
-            raise VacError(f"{self.directory} has no *.safetensors weights")
-        self._files = files
-        self._handles: dict[Path, object] = {}
-        self._tied = bool(getattr(config, "tie_word_embeddings", False)) if config is not None else False
-
-    def _resolve(self, name: str) -> str | None:
-        if name in self._files:
-            return name
-        # base-model checkpoints (LlamaModel saved without the "model." prefix)
-        if name.startswith("model.") and name[len("model."):] in self._files:
-            return name[len("model."):]
-        return None
-
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises several types for truncated files
-                raise VacError(f"could not read {path} ({type(e).__name__}: {e}); the file may be corrupt or "
-                               "incomplete: re-download or re-export it") from e
-        return self._handles[path]
-
-    def has(self, name: str) -> bool:
-        return self._resolve(name) is not None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        key = self._resolve(name)
-        return tuple(self._handle(self._files[key]).get_slice(key).get_shape())
-
-    def get(self, name: str, tied_to: str | None = None) -> torch.Tensor:
-        key = self._resolve(name)
-        if key is None and tied_to is not None:
-            key = self._resolve(tied_to)
-        if key is None:
-            raise VacError(f"{self.directory} has no tensor {name!r}; the checkpoint does not match its config.json")
-        try:
-            return self._handle(self._files[key]).get_tensor(key)
-        except VacError:
-            raise
-        except Exception as e:
-            raise VacError(f"could not read tensor {key!r} from {self._files[key]} ({type(e).__name__}: {e}); the "
-                           "file may be corrupt or incomplete: re-download or re-export it") from e
-
-    def dtype(self) -> torch.dtype:
-        """The checkpoint's floating-point dtype (that of its first floating tensor)."""
-        for name in self._files:
-            h = self._handle(self._files[name])
-            t = h.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-            if dtype is not None:
-                return dtype
-        return torch.float32
-
-
-def empty_model(config) -> nn.Module:
-    """The *ForCausalLM of ``config`` with every parameter on the meta device (buffers real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    return model.eval()
-
-
-def tied_source_name(model: nn.Module, name: str) -> str | None:
-    """The tensor a tied parameter is stored under (lm_head.weight -> model.embed_tokens.weight)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return None
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(tied, dict):
-        return tied.get(name)
-    return None
-
-
 class CheckpointHome(ModelHome):
     """A checkpoint directory of safetensors, never loaded whole.
 
     ``work_dir`` receives one ``layers/NNNNN.safetensors`` per finished layer (the factors of
-    its committed targets, in ``store_dtype``) and ``ranks.json``. Committed factors are
-    rounded to ``store_dtype`` before later passes use them, so every statistic downstream is
-    measured on the weights that will be exported.
+    its committed targets, in ``store_dtype``) and ``ranks.json``. Every weight is rounded to
+    ``store_dtype`` (the dtype the model will be exported in) before use, the checkpoint's and
+    the committed factors alike, and computed with in ``dtype``: the dense reference and every
+    statistic downstream are measured on the weights that will be published.
     """
 
     def __init__(self, directory: str | Path, *, device: str | torch.device = "cpu",
@@ -357,7 +259,10 @@ class CheckpointHome(ModelHome):
     def _set(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        dtype = self.dtype if value.is_floating_point() else None
+        dtype = None
+        if value.is_floating_point():
+            # the model as it will be published: weights in the export dtype, arithmetic in ``dtype``
+            value, dtype = value.to(self.store_dtype), self.dtype
         set_module_tensor_to_device(module, name, self.device, value=value, dtype=dtype, clear_cache=False)
         module.get_parameter(name).requires_grad_(False)  # statistics only; recovery builds its own model
 
@@ -376,7 +281,7 @@ class CheckpointHome(ModelHome):
                 owner.register_buffer(leaf, buf.to(self.device), persistent=persistent)
         self._outer = True
 
-    def _skeleton(self, l: int, factorized: bool) -> nn.Module:
+    def layer_skeleton(self, l: int, factorized: bool) -> nn.Module:
         """Layer l's module tree with meta parameters; with ``factorized``, committed targets are
         FactorizedLinear of their ranks."""
         layer = copy.deepcopy(self._layers[l])  # meta parameters: nothing is copied
@@ -391,7 +296,7 @@ class CheckpointHome(ModelHome):
     def _build(self, l: int, factorized: bool = False) -> nn.Module:
         """Layer l on the device: the checkpoint's tensors, and with ``factorized`` the stored factors."""
         prefix = self.layer_prefix(l)
-        layer = self._skeleton(l, factorized)
+        layer = self.layer_skeleton(l, factorized)
         factors = self._stored_factors(l) if factorized else {}
         for name, _ in layer.named_parameters():
             self._set(layer, name, factors[name] if name in factors else self.source.get(prefix + name))
@@ -460,12 +365,12 @@ class CheckpointHome(ModelHome):
         if l in self._finished or not self.changed(l):
             self._current.pop(l, None)
 
-    def layer_state(self, l: int) -> dict[str, torch.Tensor]:
-        """Layer l's tensors as exported (current version, ``store_dtype``), full names."""
+    def layer_state(self, l: int, dense: bool = False) -> dict[str, torch.Tensor]:
+        """Layer l's tensors as exported (current version, or ``dense``), in ``store_dtype``, full names."""
         prefix = self.layer_prefix(l)
-        factors = self._stored_factors(l)
+        factors = {} if dense else self._stored_factors(l)
         out = {}
-        for name, _ in self._skeleton(l, factorized=True).named_parameters():
+        for name, _ in self.layer_skeleton(l, factorized=not dense).named_parameters():
             t = factors[name] if name in factors else self.source.get(prefix + name)
             out[prefix + name] = t.to(self.store_dtype) if t.is_floating_point() else t
         return out
@@ -480,18 +385,19 @@ class CheckpointHome(ModelHome):
                 out[name] = t.to(self.store_dtype) if t.is_floating_point() else t
         return out
 
-    def to_model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-        """The whole compressed model in memory (for recovery and quantization, which train or
-        calibrate it as one module); weights as stored, cast to ``dtype`` (default: compute dtype)."""
+    def to_model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 dense: bool = False) -> nn.Module:
+        """The whole compressed (or ``dense``) model in memory, for recovery and quantization, which
+        train or calibrate it as one module; weights as stored, cast to ``dtype`` (default: compute)."""
         from accelerate.utils import set_module_tensor_to_device
 
         model = empty_model(self.config)
         layers = decoder_layers(model)
         for l in range(self.num_layers):
-            layers[l] = self._skeleton(l, factorized=True)
+            layers[l] = self.layer_skeleton(l, factorized=not dense)
         state = self.outer_state()
         for l in range(self.num_layers):
-            state.update(self.layer_state(l))
+            state.update(self.layer_state(l, dense=dense))
         dtype = dtype or self.dtype
         for name, value in state.items():
             set_module_tensor_to_device(model, name, device, value=value,

@@ -68,6 +68,103 @@ def resolve_device(device: str) -> torch.device:
         raise VacError(f"unknown --device {device!r}: {e}") from e
 
 
+@dataclass
+class Checkpoint:
+    """A model as safetensors on disk (never loaded whole), with its tokenizer and provenance."""
+
+    directory: Path
+    tokenizer: object
+    config: object
+    spec: str
+    base_model: str
+    source: str  # "bundled" | "gguf" | "directory" | "hub"
+    #: the dtype the model is published in (what exports default to)
+    published_dtype: torch.dtype
+
+
+def published_dtype(config, default: torch.dtype = torch.bfloat16) -> torch.dtype:
+    """The dtype a config declares for its weights (``dtype``/``torch_dtype``), else ``default``."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value)
+    return value if value in DTYPES.values() else default
+
+
+def open_checkpoint(spec: str) -> Checkpoint:
+    """Resolve ``spec`` to a local directory of safetensors without loading any weight.
+
+    A hub id is downloaded (config, tokenizer and safetensors files only) into the Hugging Face
+    cache; a GGUF file (and the bundled model, which is one) is dequantized once into a cached
+    safetensors directory under ~/.cache/vac.
+    """
+    if spec == BUNDLED:
+        directory = _bundled_directory()
+        # SmolLM2-135M-Instruct is published in bf16; the bundled GGUF is a Q4_1 copy of it
+        return _checkpoint(directory, spec, BUNDLED_BASE, "bundled", torch.bfloat16)
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise VacError(f"GGUF file {path} does not exist")
+        return _checkpoint(_gguf_directory(path), spec, path.name, "gguf", torch.bfloat16)
+    if Path(spec).expanduser().is_dir():
+        directory = Path(spec).expanduser()
+        ck = _checkpoint(directory, spec, "a local checkpoint", "directory", None)
+        name = getattr(ck.config, "_name_or_path", "") or ""
+        if name and not Path(name).is_absolute() and not name.startswith("."):
+            ck.base_model = name  # a hub id recorded by save_pretrained, not a local path
+        return ck
+    if _looks_like_path(spec):
+        raise VacError(f"--model {spec!r}: no such file or directory")
+    return _checkpoint(_hub_directory(spec), spec, spec, "hub", None)
+
+
+def _checkpoint(directory: Path, spec: str, base: str, source: str, dtype: torch.dtype | None) -> Checkpoint:
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise VacError(f"{directory} has no config.json; point --model at a Hugging Face model directory")
+    _check_weights_present(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise VacError(f"could not read {directory / 'config.json'} ({type(e).__name__}: {e}); is it a valid "
+                       "Hugging Face config?") from None
+    _check_family(config)
+    tok = load_tokenizer(directory)
+    return Checkpoint(directory, tok, config, spec, base, source, dtype or published_dtype(config))
+
+
+def _check_weights_present(directory: Path) -> None:
+    if not any(directory.glob("*.safetensors")):
+        other = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = (f" (found {', '.join(other)}: VAC loads only safetensors; convert them with "
+                "transformers' save_pretrained(safe_serialization=True))" if other else "")
+        raise VacError(f"{directory} has no *.safetensors weights{hint}")
+
+
+def _hub_directory(repo_id: str) -> Path:
+    """Download the config, tokenizer and safetensors of a hub model (no other weight formats)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                          "*.tiktoken"])
+    except Exception as e:
+        raise VacError(f"could not fetch model {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+                       "check the id and your network (offline?), or pass a local directory, a .gguf file, "
+                       f"or {BUNDLED!r}") from None
+    return Path(path)
+
+
+def _gguf_directory(path: Path) -> Path:
+    """A GGUF file dequantized once into a cached safetensors directory (keyed by name, size, mtime)."""
+    import hashlib
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _dequantized_cache(path, cache_dir() / "models" / f"{path.stem}-{key}", path.name)
+
+
 def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load model + tokenizer; the model is in eval mode, on ``device``, in ``dtype``."""
     torch_dtype = DTYPES[dtype]
@@ -180,10 +277,16 @@ def _bundled_directory() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = bundled_gguf_path()
-    log.info("dequantizing the bundled %s into %s (once)", gguf.name, target)
+    return _dequantized_cache(bundled_gguf_path(), target, BUNDLED_BASE)
+
+
+def _dequantized_cache(gguf: Path, target: Path, name: str) -> Path:
+    """Dequantize ``gguf`` (float32) into the safetensors directory ``target``, atomically, once."""
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    log.info("dequantizing %s into %s (once)", gguf.name, target)
     model, tok = _load_gguf(gguf, torch.float32)
-    model.config._name_or_path = BUNDLED_BASE
+    model.config._name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

@@ -16,7 +16,6 @@ depend on, are remeasured at the cost of one decoder layer per step.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ from vac.families import ATTENTION, Target, find_targets
 from vac.hidden import HiddenStore
 from vac.home import InMemoryHome, ModelHome
 from vac.layers import FactorizedLinear, factorized_params
+from vac.memory import Stages
 from vac.methods import METHODS, TargetStats
 from vac.plan import layer_order, uniform_ranks
 from vac.profile import allocation_spectra, profile_gradients
@@ -83,8 +83,12 @@ def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_b
 
 def compress_home(home: ModelHome, cfg: CompressConfig, calib: torch.Tensor, *,
                   grad_blocks: torch.Tensor | None = None, progress: bool = True, store: StatsStore | None = None,
-                  hidden: HiddenStore | None = None) -> CompressionResult:
-    """Factorize the targets of the model behind ``home`` (in memory, or a checkpoint on disk)."""
+                  hidden: HiddenStore | None = None, stages: Stages | None = None) -> CompressionResult:
+    """Factorize the targets of the model behind ``home`` (in memory, or a checkpoint on disk).
+
+    ``stages`` records seconds and peak memory of the three sweeps (gradient_stats, allocation,
+    factorize); ``result.timings`` has their seconds either way.
+    """
     method = METHODS[cfg.method]
     all_targets = find_targets(home.model)
     num_layers = home.num_layers
@@ -94,7 +98,7 @@ def compress_home(home: ModelHome, cfg: CompressConfig, calib: torch.Tensor, *,
     keep = {l % num_layers for l in cfg.keep_dense}  # -1 = the last layer, on any depth
     targets = [t for t in all_targets if t.layer not in keep]
     result = CompressionResult(ranks={t.name: None for t in all_targets}, targets=all_targets)
-    timings = result.timings
+    stages = stages or Stages()
     budget = result.dense_target_params / cfg.ratio - sum(t.dense_params for t in all_targets if t not in targets)
     _check_feasible(targets, budget, cfg)  # before any expensive statistics
     shared = store is not None  # a caller's store serves strategies with other keep-dense layers
@@ -105,63 +109,74 @@ def compress_home(home: ModelHome, cfg: CompressConfig, calib: torch.Tensor, *,
     try:
         # 1. gradient statistics of the dense model, backward one layer at a time
         if want_g or method.needs_fisher:
-            t0 = time.perf_counter()
             blocks = grad_blocks if grad_blocks is not None else calib[: cfg.fisher_samples]
-            profile_gradients(home, blocks, all_targets if shared else targets, store, output_cov=want_g,
-                              fisher=method.needs_fisher, hidden=hidden, progress=progress)
-            timings["gradient_stats"] = time.perf_counter() - t0
+            with stages("gradient_stats"):
+                profile_gradients(home, blocks, all_targets if shared else targets, store, output_cov=want_g,
+                                  fisher=method.needs_fisher, hidden=hidden, grad_rank=cfg.grad_rank,
+                                  progress=progress)
+            stages.record_disk("gradient_stats", store.nbytes())
 
         # 2. ranks
-        t0 = time.perf_counter()
-        if cfg.allocation == "uniform":
-            eff_ratio = sum(t.dense_params for t in targets) / budget
-            result.ranks.update(uniform_ranks(targets, eff_ratio))
-        else:
-            key = f"damp={cfg.damp!r}"
-            spectra = store.spectra(key)
-            missing = [t for t in (all_targets if shared else targets) if t.name not in spectra]
-            if missing:
-                spectra.update(allocation_spectra(home, calib, missing, store, damp=cfg.damp,
-                                                  batch_size=cfg.batch_size, progress=progress))
-                store.put_spectra(key, spectra)
-            result.ranks.update(_knapsack_ranks(targets, spectra, cfg, budget, result))
-        timings["allocation"] = time.perf_counter() - t0
+        with stages("allocation"):
+            _allocate(home, cfg, calib, targets, all_targets if shared else targets, store, budget, result,
+                      progress)
 
         # 3. factorize in order, one step (a stage, or a layer) at a time
-        t0 = time.perf_counter()
-        chosen = [t for t in targets if result.ranks[t.name] is not None]
-        per_matrix = cfg.granularity == "matrix" and cfg.order != "one-shot"
-        family = home.family
-        steps = plan_steps(layer_order(cfg.order, num_layers), chosen,
-                           lambda t: family.stage_of(t.name[len(home.layer_prefix(t.layer)):]), per_matrix)
-
-        def fit(t: Target, module: nn.Module, C, C_cross) -> FactorizedLinear:
-            W = module.weight.detach()
-            stats = TargetStats(C=C, C_cross=C_cross)
-            if method.needs_output_grads:
-                G = store.G(t.layer, t.name)
-                stats.G = G.to(W.device).damped(cfg.damp) if G is not None else None
-            if method.needs_fisher:
-                stats.F = store.F(t.layer, t.name).to(W.device)
-            f = method.fit(W, stats, result.ranks[t.name], cfg)
-            bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            result.spectra.setdefault(t.name, f.spectrum.cpu())
-            return FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)
-
-        executor = SequentialExecutor(home, calib, batch_size=cfg.batch_size, one_shot=cfg.order == "one-shot",
-                                      dense_target=cfg.objective == "dense-target", per_matrix=per_matrix,
-                                      hidden=hidden, fit=fit, progress=progress,
-                                      desc=f"factorize ({cfg.method}, {cfg.order})")
-        if method.needs_inputs:
-            executor.run(steps)
-        else:  # svd, fisher: weights (and gradients) only
-            executor.run_weights_only(steps)
-        timings["factorize"] = time.perf_counter() - t0
+        with stages("factorize"):
+            _factorize(home, cfg, calib, targets, store, hidden, result, progress)
     finally:
         if own_hidden:
             hidden.close()
+    result.timings.update({k[len(stages.prefix):]: v for k, v in stages.seconds.items() if k.startswith(stages.prefix)})
     _check_plan(result, cfg)
     return result
+
+
+def _allocate(home: ModelHome, cfg: CompressConfig, calib, targets, measured, store, budget, result, progress):
+    if cfg.allocation == "uniform":
+        eff_ratio = sum(t.dense_params for t in targets) / budget
+        result.ranks.update(uniform_ranks(targets, eff_ratio))
+        return
+    key = f"damp={cfg.damp!r}"
+    spectra = store.spectra(key)
+    missing = [t for t in measured if t.name not in spectra]
+    if missing:
+        spectra.update(allocation_spectra(home, calib, missing, store, damp=cfg.damp, batch_size=cfg.batch_size,
+                                          progress=progress))
+        store.put_spectra(key, spectra)
+    result.ranks.update(_knapsack_ranks(targets, spectra, cfg, budget, result))
+
+
+def _factorize(home: ModelHome, cfg: CompressConfig, calib, targets, store, hidden, result, progress):
+    """The plan of steps in the configured order and granularity, walked by one executor."""
+    method = METHODS[cfg.method]
+    chosen = [t for t in targets if result.ranks[t.name] is not None]
+    per_matrix = cfg.granularity == "matrix" and cfg.order != "one-shot"
+    family = home.family
+    steps = plan_steps(layer_order(cfg.order, home.num_layers), chosen,
+                       lambda t: family.stage_of(t.name[len(home.layer_prefix(t.layer)):]), per_matrix)
+
+    def fit(t: Target, module: nn.Module, C, C_cross) -> FactorizedLinear:
+        W = module.weight.detach()
+        stats = TargetStats(C=C, C_cross=C_cross)
+        if method.needs_output_grads:
+            G = store.G(t.layer, t.name)
+            stats.G = G.to(W.device).damped(cfg.damp) if G is not None else None
+        if method.needs_fisher:
+            stats.F = store.F(t.layer, t.name).to(W.device)
+        f = method.fit(W, stats, result.ranks[t.name], cfg)
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        result.spectra.setdefault(t.name, f.spectrum.cpu())
+        return FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)
+
+    executor = SequentialExecutor(home, calib, batch_size=cfg.batch_size, one_shot=cfg.order == "one-shot",
+                                  dense_target=cfg.objective == "dense-target", per_matrix=per_matrix,
+                                  hidden=hidden, fit=fit, progress=progress,
+                                  desc=f"factorize ({cfg.method}, {cfg.order})")
+    if method.needs_inputs:
+        executor.run(steps)
+    else:  # svd, fisher: weights (and gradients) only
+        executor.run_weights_only(steps)
 
 
 def _check_feasible(targets: list[Target], budget: float, cfg: CompressConfig) -> None:

@@ -47,7 +47,8 @@ def profile_gradients(home: ModelHome, blocks: torch.Tensor, targets: list[Targe
     """Write G (as a raw ``SymEig``: damping is applied where it is used) and/or the diagonal
     Fisher of each target to ``store``; layers already stored are skipped."""
     layers = by_layer(targets)
-    todo = {l: ts for l, ts in layers.items() if not store.has_layer(l, [t.name for t in ts])}
+    todo = {l: ts for l, ts in layers.items()
+            if not store.has_layer(l, [t.name for t in ts], G=output_cov, F=fisher)}
     if not todo:
         return
     bottom = min(todo)
@@ -101,6 +102,8 @@ def profile_gradients(home: ModelHome, blocks: torch.Tensor, targets: list[Targe
                         continue
                     if name in rows:
                         G[name] = fz.SymEig.from_rows(stats.rows_of(name))
+                        if grad_rank is not None:
+                            G[name].truncate_(grad_rank)
                     else:
                         G[name] = fz.SymEig(stats.G.pop(name), damp=None, rank=grad_rank)
                 F = {n: stats.fisher_mean(n) for n in stats.fisher} if fisher else {}

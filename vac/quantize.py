@@ -178,6 +178,18 @@ def quantize(w: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE,
     raise ValueError(f"unknown quantisation method {method!r}; expected 'int8' or 'w4'")
 
 
+def quantized_nbytes(rows: int, cols: int, method: str, group_size: int = DEFAULT_GROUP_SIZE,
+                     scale_dtype: torch.dtype = DEFAULT_SCALE_DTYPE) -> int:
+    """Bytes of the tensors :func:`quantize` returns for a rows x cols weight (the layout above)."""
+    scale = torch.empty((), dtype=scale_dtype).element_size()
+    if method == "int8":
+        return rows * cols + rows * scale
+    if method == "w4":
+        groups = -(-cols // group_size)
+        return rows * ((cols + 1) // 2) + rows * groups * scale + rows * ((groups + 1) // 2)
+    raise ValueError(f"unknown quantisation method {method!r}; expected 'int8' or 'w4'")
+
+
 def dequantize(d: dict[str, torch.Tensor], method: str, group_size: int = DEFAULT_GROUP_SIZE,
                dtype: torch.dtype = torch.float32, cols: int | None = None) -> torch.Tensor:
     """Inverse of :func:`quantize`; ``cols`` is the original width (needed for an odd w4 width)."""

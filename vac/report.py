@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vac import __version__
-from vac.export import write_json
+from vac.export import write_json, write_text
 
 
 def build_report(*, cfg, loaded, family: str, result, dense_model_params: int, compressed_model_params: int,
@@ -42,11 +42,12 @@ def build_report(*, cfg, loaded, family: str, result, dense_model_params: int, c
     }
 
 
-def write_report(directory: Path, report: dict, result=None) -> None:
+def write_report(directory: Path, report: dict, result=None, plots: bool = True) -> None:
+    """report.json and report.md (each replaced atomically), and with ``result`` the plots."""
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "report.json", report)
-    (directory / "report.md").write_text(report_markdown(report))
-    if result is not None:
+    write_text(directory / "report.md", report_markdown(report))
+    if result is not None and plots:
         plot_ranks(directory / "ranks.png", result)
         if result.spectra:
             plot_spectra(directory / "spectra.png", result)
@@ -81,7 +82,10 @@ def report_markdown(report: dict) -> str:
             top1 = f"{m['top1']:.2%}" if "top1" in m else "–"
             lines.append(f"| {name} | {m['ppl']:.3f} | {kl} | {top1} |")
         lines.append("")
-    lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in t.items()] + [""]
+    mem = report.get("memory") or {}
+    lines += ["| stage | seconds | peak host GiB | peak device GiB | disk GiB |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v:.1f} | {_gib(mem.get(k, {}).get('host_bytes'))} | {_gib(mem.get(k, {}).get('device_bytes'))}"
+              f" | {_gib(mem.get(k, {}).get('disk_bytes'))} |" for k, v in t.items()] + [""]
     return "\n".join(lines)
 
 
@@ -154,12 +158,20 @@ def print_summary(report: dict, console=None) -> None:
         table.add_row(name, f"{p['compressed_model']:,}", f"{r['achieved_linear']:.3f}", _fmt(m, "ppl", "{:.3f}"),
                       _fmt(m, "kl", "{:.4f}"), _fmt(m, "top1", "{:.2%}"))
     console.print(table)
-    times = Table(title="time per stage")
-    times.add_column("stage")
-    times.add_column("seconds", justify="right")
+    memory = report.get("memory") or {}
+    device = any("device_bytes" in m for m in memory.values())
+    times = Table(title="time per stage and peak memory")
+    for c in ("stage", "seconds", "host GiB") + (("device GiB",) if device else ()) + ("disk GiB",):
+        times.add_column(c, justify="left" if c == "stage" else "right")
     for k, v in report["timings_s"].items():
-        times.add_row(k, f"{v:.1f}")
+        m = memory.get(k, {})
+        cells = [k, f"{v:.1f}", _gib(m.get("host_bytes"))] + ([_gib(m.get("device_bytes"))] if device else [])
+        times.add_row(*cells, _gib(m.get("disk_bytes")))
     console.print(times)
+
+
+def _gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / (1 << 30):.2f}"
 
 
 def _fmt(m: dict | None, key: str, spec: str) -> str:

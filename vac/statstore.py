@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,7 +31,7 @@ _F = "F."
 class StatsStore:
     def __init__(self, path: str | Path | None = None, fingerprint: dict | None = None):
         self.path = Path(path) if path is not None else None
-        self.fingerprint = fingerprint or {}
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}))  # as read back from meta.json
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._spectra: dict[str, torch.Tensor] = {}
         self._spectra_key: str | None = None
@@ -47,8 +46,10 @@ class StatsStore:
                 old = json.loads(meta.read_text())
             except ValueError:
                 old = None
-            if old != self.fingerprint:
-                shutil.rmtree(self.path)  # statistics of another model, data or setting
+            if old != self.fingerprint:  # statistics of another model, data or setting: only its own files go
+                for f in [*self.path.glob("layer_*.safetensors"), *self.path.glob("*.tmp"),
+                          self.path / "spectra.safetensors"]:
+                    f.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(meta, json.dumps(self.fingerprint, indent=1, sort_keys=True))
         spectra = self.path / "spectra.safetensors"
@@ -63,10 +64,10 @@ class StatsStore:
         return self.path / f"layer_{l:05d}.safetensors"
 
     # --- per-layer statistics ----------------------------------------------------------------
-    def has_layer(self, l: int, names: list[str]) -> bool:
-        """Whether layer l's statistics for every one of ``names`` are stored."""
+    def has_layer(self, l: int, names: list[str], G: bool = True, F: bool = False) -> bool:
+        """Whether layer l's G (and/or diagonal Fisher) of every one of ``names`` is stored."""
         keys = self._keys(l)
-        return all(any(k.startswith(_G + n + ".") or k == _F + n for k in keys) for n in names)
+        return all((not G or f"{_G}{n}.evecs" in keys) and (not F or _F + n in keys) for n in names)
 
     def _keys(self, l: int) -> set[str]:
         if self.path is None:
@@ -85,6 +86,7 @@ class StatsStore:
             tensors.update({f"{_G}{name}.{k}": v.detach().cpu().contiguous() for k, v in eig.tensors().items()})
         for name, f in F.items():
             tensors[_F + name] = f.detach().cpu().contiguous()
+        tensors = {**self._read(l, ""), **tensors}  # what the layer already holds stays (G beside a new F)
         if self.path is None:
             self._mem[l] = tensors
             return
@@ -105,7 +107,10 @@ class StatsStore:
             return {k[len(prefix):]: v for k, v in self._mem.get(l, {}).items() if k.startswith(prefix)}
         from safetensors import safe_open
 
-        with safe_open(str(self._layer_file(l)), framework="pt") as h:
+        path = self._layer_file(l)
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as h:
             return {k[len(prefix):]: h.get_tensor(k) for k in h.keys() if k.startswith(prefix)}
 
     def G(self, l: int, name: str) -> SymEig | None:
