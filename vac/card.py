@@ -87,8 +87,9 @@ def model_card(report: dict, repo_id: str | None = None) -> str:
         f"objective `{m.get('objective')}`, rank allocation `{m.get('allocation')}`, damping {m.get('damp')}",
     ]
     if m.get("name") == "kfac":
-        lines.append(f"- K-FAC exponents: output side {m.get('kfac_out_exponent')}, input side "
-                     f"{m.get('kfac_in_exponent')}")
+        refit = m.get("objective") == "dense-target" and m.get("granularity") == "matrix" and m.get("order") != "one-shot"
+        inside = "C~ whitened exactly by the dense-target refit" if refit else m.get("kfac_in_exponent")
+        lines.append(f"- K-FAC exponents: output side {m.get('kfac_out_exponent')}, input side {inside}")
     elif m.get("name") == "fisher":
         lines.append(f"- Fisher exponent: {m.get('fisher_exponent')}")
     if cfg:

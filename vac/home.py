@@ -36,6 +36,7 @@ from torch import nn
 from vac.errors import VacError
 from vac.families import decoder_layers, get_family
 from vac.layers import FactorizedLinear
+from vac.memory import trim
 from vac.weights import SafetensorsSource, empty_model, tied_source_name
 
 
@@ -270,9 +271,10 @@ class CheckpointHome(ModelHome):
         if self._outer:
             return
         layers = self.family.layers_path + "."
-        for name, _ in self.model.named_parameters(remove_duplicate=False):
-            if not name.startswith(layers):
-                self._set(self.model, name, self.source.get(name, tied_to=tied_source_name(self.model, name)))
+        names = {name: tied_source_name(self.model, name)
+                 for name, _ in self.model.named_parameters(remove_duplicate=False) if not name.startswith(layers)}
+        for name, value in self.source.get_many(names).items():
+            self._set(self.model, name, value)
         for name, buf in self.model.named_buffers():
             if not name.startswith(layers) and buf.device != self.device:
                 module, _, leaf = name.rpartition(".")
@@ -298,8 +300,9 @@ class CheckpointHome(ModelHome):
         prefix = self.layer_prefix(l)
         layer = self.layer_skeleton(l, factorized)
         factors = self._stored_factors(l) if factorized else {}
+        dense = self.source.get_many({prefix + name: None for name, _ in layer.named_parameters() if name not in factors})
         for name, _ in layer.named_parameters():
-            self._set(layer, name, factors[name] if name in factors else self.source.get(prefix + name))
+            self._set(layer, name, factors[name] if name in factors else dense[prefix + name])
         layer.to(self.device)  # buffers
         return layer.eval()
 
@@ -364,26 +367,27 @@ class CheckpointHome(ModelHome):
         self._dense.pop(l, None)
         if l in self._finished or not self.changed(l):
             self._current.pop(l, None)
+        trim()
 
     def layer_state(self, l: int, dense: bool = False) -> dict[str, torch.Tensor]:
         """Layer l's tensors as exported (current version, or ``dense``), in ``store_dtype``, full names."""
         prefix = self.layer_prefix(l)
         factors = {} if dense else self._stored_factors(l)
+        names = [name for name, _ in self.layer_skeleton(l, factorized=not dense).named_parameters()]
+        stored = self.source.get_many({prefix + name: None for name in names if name not in factors})
         out = {}
-        for name, _ in self.layer_skeleton(l, factorized=not dense).named_parameters():
-            t = factors[name] if name in factors else self.source.get(prefix + name)
+        for name in names:
+            t = factors[name] if name in factors else stored[prefix + name]
             out[prefix + name] = t.to(self.store_dtype) if t.is_floating_point() else t
         return out
 
     def outer_state(self) -> dict[str, torch.Tensor]:
         """The tensors outside the decoder layers (embedding, final norm, head unless tied)."""
         layers = self.family.layers_path + "."
-        out = {}
-        for name, _ in self.model.named_parameters():  # tied parameters once, as save_pretrained writes them
-            if not name.startswith(layers):
-                t = self.source.get(name, tied_to=tied_source_name(self.model, name))
-                out[name] = t.to(self.store_dtype) if t.is_floating_point() else t
-        return out
+        names = {name: tied_source_name(self.model, name)  # tied parameters once, as save_pretrained writes them
+                 for name, _ in self.model.named_parameters() if not name.startswith(layers)}
+        return {name: t.to(self.store_dtype) if t.is_floating_point() else t
+                for name, t in self.source.get_many(names).items()}
 
     def to_model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  dense: bool = False) -> nn.Module:

@@ -18,75 +18,96 @@ from vac.errors import VacError
 
 
 class SafetensorsSource:
-    """Tensors of a Hugging Face checkpoint directory, read one at a time with ``safe_open``."""
+    """Tensors of a Hugging Face checkpoint directory, read a few at a time with ``safe_open``.
+
+    A file is opened for each read and closed after: safetensors memory-maps it, and the pages
+    of a mapping that stays open count as resident memory, so cached handles would make the
+    process grow by every layer it has read. Names, shapes and dtypes come from the headers,
+    read once.
+    """
 
     def __init__(self, directory: str | Path, config=None):
         self.directory = Path(directory)
-        self._handles: dict[Path, object] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise VacError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
-            files = {name: self.directory / f for name, f in weight_map.items()}
+            paths = sorted({self.directory / f for f in weight_map.values()})
         else:
-            files = {}
-            for f in sorted(self.directory.glob("*.safetensors")):
-                files.update({k: f for k in self._handle(f).keys()})
-        if not files:
+            paths = sorted(self.directory.glob("*.safetensors"))
+        self._files: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
+        for path in paths:
+            with self._open(path) as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    self._files[k] = path
+                    self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        if not self._files:
             raise VacError(f"{self.directory} has no *.safetensors weights")
-        self._files = files
-        self._tied = bool(getattr(config, "tie_word_embeddings", False)) if config is not None else False
 
-    def _resolve(self, name: str) -> str | None:
-        if name in self._files:
-            return name
-        # base-model checkpoints (LlamaModel saved without the "model." prefix)
-        if name.startswith("model.") and name[len("model."):] in self._files:
-            return name[len("model."):]
-        return None
-
-    def _handle(self, path: Path):
+    @staticmethod
+    def _open(path: Path):
         from safetensors import safe_open
 
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises several types for truncated files
-                raise VacError(f"could not read {path} ({type(e).__name__}: {e}); the file may be corrupt or "
-                               "incomplete: re-download or re-export it") from e
-        return self._handles[path]
+        if not path.is_file():
+            raise VacError(f"{path} is missing; the checkpoint is incomplete: re-download or re-export it")
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises several types for truncated files
+            raise VacError(f"could not read {path} ({type(e).__name__}: {e}); the file may be corrupt or "
+                           "incomplete: re-download or re-export it") from e
+
+    def _resolve(self, name: str, tied_to: str | None = None) -> str | None:
+        for candidate in (name, tied_to):
+            if candidate is None:
+                continue
+            if candidate in self._files:
+                return candidate
+            # base-model checkpoints (LlamaModel saved without the "model." prefix)
+            if candidate.startswith("model.") and candidate[len("model."):] in self._files:
+                return candidate[len("model."):]
+        return None
 
     def has(self, name: str) -> bool:
         return self._resolve(name) is not None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        key = self._resolve(name)
-        return tuple(self._handle(self._files[key]).get_slice(key).get_shape())
+        return self._meta[self._resolve(name)][0]
 
     def get(self, name: str, tied_to: str | None = None) -> torch.Tensor:
-        key = self._resolve(name)
-        if key is None and tied_to is not None:
-            key = self._resolve(tied_to)
-        if key is None:
-            raise VacError(f"{self.directory} has no tensor {name!r}; the checkpoint does not match its config.json")
-        try:
-            return self._handle(self._files[key]).get_tensor(key)
-        except VacError:
-            raise
-        except Exception as e:
-            raise VacError(f"could not read tensor {key!r} from {self._files[key]} ({type(e).__name__}: {e}); the "
-                           "file may be corrupt or incomplete: re-download or re-export it") from e
+        return self.get_many({name: tied_to})[name]
+
+    def get_many(self, names: dict[str, str | None]) -> dict[str, torch.Tensor]:
+        """{name: tensor} for ``names`` (name -> the tensor it is tied to, or None), one open per file."""
+        keys = {}
+        for name, tied_to in names.items():
+            key = self._resolve(name, tied_to)
+            if key is None:
+                raise VacError(f"{self.directory} has no tensor {name!r}; the checkpoint does not match its "
+                               "config.json")
+            keys[name] = key
+        out = {}
+        for path in sorted({self._files[k] for k in keys.values()}):
+            with self._open(path) as h:
+                for name, key in keys.items():
+                    if self._files[key] != path:
+                        continue
+                    try:
+                        out[name] = h.get_tensor(key)
+                    except Exception as e:
+                        raise VacError(f"could not read tensor {key!r} from {path} ({type(e).__name__}: {e}); the "
+                                       "file may be corrupt or incomplete: re-download or re-export it") from e
+        return out
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating-point dtype (that of its first floating tensor)."""
-        for name in self._files:
-            h = self._handle(self._files[name])
-            t = h.get_slice(name)
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-            if dtype is not None:
-                return dtype
+        for _, dtype in self._meta.values():
+            found = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
+            if found is not None:
+                return found
         return torch.float32
 
 
