@@ -90,8 +90,23 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     else:
         model, tok = _load_hub(spec, torch_dtype)
         loaded = LoadedModel(model, tok, spec, spec, "hub")
+    check_weights_finite(loaded)
     loaded.model.to(resolve_device(device)).eval()
     return loaded
+
+
+def check_weights_finite(loaded: LoadedModel) -> None:
+    """A NaN/Inf weight would end as a LinAlgError deep inside an SVD: name the tensor now instead.
+
+    A safetensors directory is scanned file by file, one tensor in memory at a time (the check
+    does not need the model loaded); GGUF and Hub models are checked in memory.
+    """
+    from vac.checks import WEIGHTS_HINT, check_finite, scan_safetensors
+
+    if loaded.source in ("bundled", "directory"):
+        scan_safetensors(_bundled_directory() if loaded.source == "bundled" else Path(loaded.spec).expanduser())
+    else:
+        check_finite(loaded.model.state_dict().items(), f"weights of {loaded.spec}", WEIGHTS_HINT)
 
 
 def _looks_like_path(spec: str) -> bool:
