@@ -63,3 +63,40 @@ def test_check_loss():
     check_loss(1.5, "loss", "")
     with pytest.raises(NonFiniteError, match="step 3: the loss is nan; lower --lr"):
         check_loss(float("nan"), "step 3: the loss", "lower --lr")
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def test_a_few_latin1_bytes_are_replaced_with_a_warning(tmp_path, caplog):
+    from vac.data import iter_documents
+
+    p = tmp_path / "c.txt"
+    p.write_bytes(b"w1 w2\n\nw3 caf\xe9 w4\n")
+    with caplog.at_level(logging.WARNING):
+        docs = list(iter_documents(str(p)))
+    assert docs == ["w1 w2", "w3 caf\ufffd w4"]
+    assert "1 byte(s) are not UTF-8 (the first on line 3)" in caplog.text
+
+
+def test_text_that_is_not_text_is_refused_where_it_is(tmp_path):
+    from vac.data import check_text, iter_documents
+
+    check_text("plain\ttext\r\n\fwith layout", "x")
+    check_text("caf\ufffd", "x")  # too short to tell: one accent that did not decode
+    with pytest.raises(VacError, match=r"x does not look like text: 50% .* on line 2"):
+        check_text("abc\n\x00\x01\x02\ufffd", "x")
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"text": "w1 w2"}) + "\n" + json.dumps({"text": "\x00\x01\x02\x03 w1"}) + "\n")
+    with pytest.raises(VacError, match="c.jsonl:2 does not look like text"):
+        list(iter_documents(str(p)))
+
+
+def test_recovery_data_goes_through_the_same_checks(tmp_path):
+    from vac.mixing import distillation_mix
+
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(b'{"text": "w1"}\n{"text": "\xff"}\n')
+    with pytest.raises(VacError, match="c.jsonl:2: not valid UTF-8"):
+        distillation_mix(tiny_tokenizer(), pretrain=str(p), chat=None, chat_fraction=0.0, seq_len=8, seed=0,
+                         eval_source=None)
