@@ -100,3 +100,102 @@ def test_recovery_data_goes_through_the_same_checks(tmp_path):
     with pytest.raises(VacError, match="c.jsonl:2: not valid UTF-8"):
         distillation_mix(tiny_tokenizer(), pretrain=str(p), chat=None, chat_fraction=0.0, seq_len=8, seed=0,
                          eval_source=None)
+
+
+# --- recovery checkpoints that survive corruption ---------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _recover_setup(tmp_path):
+    from vac.recover import make_recover_config
+
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, docs=40, words=50)
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    compress_(student, make_config(dict(method="svd", ratio=2.0)), random_blocks(4, 32), progress=False)
+    rcfg = make_recover_config(dict(steps=6, lr=2e-3, seq_len=32, batch_size=2, warmup_steps=1, eval_samples=0,
+                                    pretrain_data=str(corpus), eval_data=str(corpus), checkpoint_every=2,
+                                    run_probes=False, wandb_mode="disabled", device="cpu"))
+    return student, teacher, rcfg
+
+
+def _crash_at(step_to_crash):
+    def hook(stage, step):
+        if step == step_to_crash:
+            raise RuntimeError("killed")
+    return hook
+
+
+@pytest.mark.parametrize("damage", ["truncate:state.json", "truncate:trainable.safetensors", "flip:optimizer.pt",
+                                    "delete:rng.pt", "delete:manifest.json"])
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path, caplog, one_thread, damage):
+    from vac.recover import recover_
+
+    student, teacher, rcfg = _recover_setup(tmp_path)
+    tok = tiny_tokenizer()
+    full = copy.deepcopy(student)
+    recover_(full, teacher, tok, rcfg, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        recover_(copy.deepcopy(student), teacher, tok, rcfg, run_dir=run, progress=False, on_step=_crash_at(5))
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((run / "checkpoint-previous" / "state.json").read_text())["step"] == 2
+    how, name = damage.split(":")
+    p = run / "checkpoint" / name
+    if how == "truncate":
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif how == "flip":
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    else:
+        p.unlink()
+    resumed = copy.deepcopy(student)
+    with caplog.at_level(logging.WARNING, logger="vac.recover"):
+        out = recover_(resumed, teacher, tok, rcfg, run_dir=run, resume=True, progress=False)
+    assert "checkpoint (global step 4 (stage 0, step 4)) is unusable" in caplog.text or name == "manifest.json"
+    assert "resuming from checkpoint-previous at global step 2" in caplog.text
+    assert out["steps"] == {"kd": 6}
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=n)  # two steps trained again, same result
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, one_thread):
+    from vac.recover import recover_
+
+    student, teacher, rcfg = _recover_setup(tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        recover_(copy.deepcopy(student), teacher, tiny_tokenizer(), rcfg, run_dir=run, progress=False,
+                 on_step=_crash_at(5))
+    for name in ("checkpoint", "checkpoint-previous"):
+        (run / name / "state.json").write_text("{")
+    with pytest.raises(VacError, match=r"no usable recovery checkpoint.*global step 4.*truncated.*global step 2"):
+        recover_(copy.deepcopy(student), teacher, tiny_tokenizer(), rcfg, run_dir=run, resume=True, progress=False)
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, one_thread):
+    from vac.recover import recover_
+    from vac.recover.checkpoint import verify_checkpoint
+
+    student, teacher, rcfg = _recover_setup(tmp_path)
+    run = tmp_path / "run"
+
+    def poison(stage, step):  # after step 3 (no checkpoint there) a weight turns into NaN
+        if step == 3:
+            with torch.no_grad():
+                next(p for p in student.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+
+    with pytest.raises(NonFiniteError, match=r"kd step 4: the training loss is nan.*kept in .*checkpoint "
+                                             r"\(global step 2"):
+        recover_(student, teacher, tiny_tokenizer(), rcfg, run_dir=run, progress=False, on_step=poison)
+    assert verify_checkpoint(run / "checkpoint") is None
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
