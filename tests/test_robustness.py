@@ -22,6 +22,13 @@ from vac.config import config_from_args, make_config
 from vac.errors import VacError
 from vac.pipeline import compress_
 
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (what a killed run leaves in its temporary names)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
 # --- non-finite values -----------------------------------------------------------------------------------
 
 
@@ -199,3 +206,42 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, one_threa
         recover_(student, teacher, tiny_tokenizer(), rcfg, run_dir=run, progress=False, on_step=poison)
     assert verify_checkpoint(run / "checkpoint") is None
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
+# --- search checkpoints that survive corruption ---------------------------------------------------------------
+
+
+def _search(run_dir, generations, resume=False):
+    from test_search import run_search
+
+    return run_search(run_dir, generations, resume=resume)
+
+
+def test_search_resumes_from_the_previous_generation_when_the_newest_is_damaged(tmp_path, capsys):
+    full = _search(tmp_path / "full", 4)
+    run = tmp_path / "run"
+    _search(run, 2)
+    state = run / "state.json"
+    assert json.loads((run / "state-previous.json").read_text())["generation"] == 1
+    state.write_text(state.read_text()[:-200])  # truncated
+    (run / f".state.json.tmp-{_dead_pid()}").write_text("{")  # and a leftover of a killed write
+    resumed = _search(run, 4, resume=True)
+    err = capsys.readouterr().err
+    assert "state.json is unusable: not valid JSON" in err and "generation 2 is evaluated again" in err
+    assert [e["key"] for e in resumed.front] == [e["key"] for e in full.front]
+    assert resumed.logbook == full.logbook
+    assert not [p.name for p in run.iterdir() if ".tmp-" in p.name]
+
+
+def test_search_checkpoint_checksum_catches_an_edit(tmp_path):
+    from vac.search.state import load_state
+
+    _search(tmp_path, 1)
+    state = tmp_path / "state.json"
+    text = state.read_text()
+    state.write_text(text.replace('"generation": 1', '"generation": 7'))  # still valid JSON
+    loaded, skipped = load_state(tmp_path)
+    assert loaded["generation"] == 0 and "does not match its checksum" in skipped[0]
+    (tmp_path / "state-previous.json").write_text("[]")
+    with pytest.raises(VacError, match="no usable search checkpoint"):
+        load_state(tmp_path)
