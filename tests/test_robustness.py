@@ -29,6 +29,7 @@ def _dead_pid() -> int:
     proc.wait()
     return proc.pid
 
+
 # --- non-finite values -----------------------------------------------------------------------------------
 
 
@@ -70,6 +71,70 @@ def test_check_loss():
     check_loss(1.5, "loss", "")
     with pytest.raises(NonFiniteError, match="step 3: the loss is nan; lower --lr"):
         check_loss(float("nan"), "step 3: the loss", "lower --lr")
+
+
+# --- exports: what --overwrite replaces, leftovers, permissions, no local paths ----------------------------
+
+
+@pytest.fixture(scope="module")
+def factorized():
+    model = tiny_model()
+    result = compress_(model, make_config(dict(method="svd", ratio=1.5, allocation="uniform")), random_blocks(4, 16),
+                       progress=False)
+    return model, result
+
+
+def _export(factorized, out, **kw):
+    from vac.export import export
+
+    model, result = factorized
+    return export(model, tiny_tokenizer(), out, vac_meta={"ranks": result.ranks}, **kw)
+
+
+def test_overwrite_replaces_only_a_previous_export(factorized, tmp_path):
+    out = tmp_path / "out"
+    _export(factorized, out)
+    (out / "README.md").write_text("old card")
+    _export(factorized, out, overwrite=True, card="new card")
+    assert (out / "README.md").read_text() == "new card"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(VacError, match="notes.txt, which VAC did not write"):
+        _export(factorized, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_of_killed_exports_are_removed_and_nothing_else(factorized, tmp_path):
+    out = tmp_path / "out"
+    dead, alive = _dead_pid(), os.getpid()
+    for name in (f".out.tmp-{dead}-abcd1234", ".out.tmp-k2j4h5g6", f".out.old-{dead}-zz_9zz9z", f".out.tmp-{alive}-live0000",
+                 ".out.tmp-notes", ".other.tmp-12345678", "out.recover"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    _export(factorized, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".out.tmp-{alive}-live0000", ".out.tmp-notes", ".other.tmp-12345678", "out", "out.recover"])
+
+
+def test_a_kill_between_the_two_renames_loses_nothing(factorized, tmp_path):
+    from vac.export import clean_interrupted, is_vac_export
+
+    out = tmp_path / "out"
+    _export(factorized, out)
+    trash = tmp_path / f".out.old-{_dead_pid()}-abcdefgh"
+    trash.mkdir()
+    os.replace(out, trash / "old")  # the previous export moved aside, then the process died
+    assert not out.exists()
+    done = clean_interrupted(out)
+    assert is_vac_export(out) and not trash.exists() and "restored" in done[0]
+
+
+def test_export_has_ordinary_permissions(factorized, tmp_path):
+    out = _export(factorized, tmp_path / "out")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}
 
 
 # --- data -------------------------------------------------------------------------------------------------
