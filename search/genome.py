@@ -18,14 +18,13 @@ from typing import Any
 import yaml
 
 from vac.errors import VacError
+from vac.validate import EXPONENT, Bounds, check_multipliers, check_number
+
 
 METHODS = ("svd", "whiten", "fisher", "kfac")
 NAMED_ORDERS = ("one-shot", "front-to-back", "back-to-front", "middle-out")
 GRANULARITIES = ("layer", "matrix")
 ALLOCATIONS = ("uniform", "knapsack")
-COMPONENTS = ("attention", "mlp")
-KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MULTIPLIER_KEYS = COMPONENTS + KINDS
 
 #: every key a genome can write; all are ``CompressConfig`` fields of the same name
 CONFIG_KEYS = ("method", "fisher_exponent", "kfac_out_exponent", "kfac_in_exponent", "order",
@@ -76,13 +75,10 @@ class Genome:
                                f"nor one of {NAMED_ORDERS}")
         elif sorted(self.order) != list(range(len(self.order))):
             raise VacError(f"genome order {list(self.order)} is not a permutation of 0..{len(self.order) - 1}")
-        bad = sorted(set(self.multipliers) - set(MULTIPLIER_KEYS))
-        if bad:
-            raise VacError(f"genome multiplier keys {bad} are not among {MULTIPLIER_KEYS}")
-        if any(v <= 0 for v in self.multipliers.values()):
-            raise VacError(f"genome multipliers must be positive, got {self.multipliers}")
-        if not self.ratio > 1.0:
-            raise VacError(f"genome ratio must be > 1 (dense params / compressed params), got {self.ratio}")
+        check_multipliers(self.multipliers, "genome multipliers")
+        check_number("genome ratio (dense params / compressed params)", self.ratio, Bounds(1, low_open=True))
+        for name in ("exponent", "in_exponent"):
+            check_number(f"genome {name}", getattr(self, name), EXPONENT)
         if any(int(i) < 0 for i in self.keep_dense):
             raise VacError(f"genome keep_dense has negative layer indices: {self.keep_dense}")
 

@@ -28,6 +28,7 @@ from deap import tools
 from tqdm.auto import tqdm
 
 from vac.errors import VacError
+from vac.validate import check_search_settings
 
 from .evaluators import FAILED_QUALITY
 from .genome import dump_config
@@ -67,6 +68,7 @@ class SearchSettings:
     metric: str = "quality"
 
     def __post_init__(self) -> None:
+        check_search_settings(self)  # types, finiteness, ranges
         if self.mode not in ("pareto", "single"):
             raise VacError(f"search mode {self.mode!r}: use 'pareto' or 'single'")
         if self.population < 2:

@@ -73,6 +73,70 @@ def test_check_loss():
         check_loss(float("nan"), "step 3: the loss", "lower --lr")
 
 
+# --- options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [("0,-1", [0, -1]), ("5", [5]), ("[0,-1]", [0, -1]), ("[0, -1]", [0, -1]),
+                                           ("[]", []), (" 1 , 2 ", [1, 2])])
+def test_layer_lists_have_one_spelling(text, expected):
+    assert config_from_args(["--keep-dense", text]).keep_dense == expected
+    assert config_from_args(["--order", text]).order == expected
+    assert make_config({"keep_dense": text}).keep_dense == expected  # YAML strings too
+
+
+def test_layer_lists_from_yaml_values():
+    assert make_config({"keep_dense": 5}).keep_dense == [5]
+    assert make_config({"keep_dense": [0, -1], "order": "middle-out"}).order == "middle-out"
+    for bad in ([0, "x"], [True], 1.5, {"a": 1}):
+        with pytest.raises(VacError, match="--keep-dense takes layer indices"):
+            make_config({"keep_dense": bad})
+
+
+def test_every_float_option_must_be_finite():
+    from dataclasses import fields
+
+    from vac.config import CompressConfig
+    from vac.recover.config import RecoverConfig, make_recover_config
+
+    for f in fields(CompressConfig):
+        if isinstance(f.default, float):
+            with pytest.raises(VacError, match=f"--{f.name.replace('_', '-')} must be a finite number"):
+                make_config({f.name: float("nan")})
+    for f in fields(RecoverConfig):
+        if isinstance(f.default, float):
+            with pytest.raises(VacError, match=f"--{f.name.replace('_', '-')} must be a finite number"):
+                make_recover_config({f.name: float("inf")})
+
+
+def test_option_types_are_checked():
+    for values, needle in (({"model": 5}, "--model must be a non-empty string"), ({"evaluate": "yes"}, "true or false"),
+                           ({"calib_samples": [8]}, "--calib-samples must be an integer"),
+                           ({"multipliers": [1]}, "--multipliers must be a mapping")):
+        with pytest.raises(VacError, match=needle):
+            make_config(values)
+
+
+def test_device_check():
+    from vac.validate import check_device
+
+    check_device("auto")
+    check_device("cpu")
+    for bad in ("meta", "gpu", "cuda:x"):
+        with pytest.raises(VacError):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(VacError, match="--device cuda"):
+            check_device("cuda")
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vac.compress", "--multipliers", "{a:", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("error:") == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 # --- exports: what --overwrite replaces, leftovers, permissions, no local paths ----------------------------
 
 

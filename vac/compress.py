@@ -17,6 +17,7 @@ import torch
 
 from vac.config import CompressConfig, config_from_args
 from vac.errors import VacError
+from vac.validate import one_line
 
 log = logging.getLogger("vac")
 
@@ -58,16 +59,16 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
 
     from vac.evaluate import compare
     from vac.card import base_license, model_card
-    from vac.export import check_out_dir, checkpoint_bytes, export, measure_sizes
+    from vac.export import checkpoint_bytes, export, measure_sizes
     from vac.quantize import quantize_model_
     from vac.families import get_family
     from vac.models import load, resolve_device
     from vac.pipeline import compress_, param_count
     from vac.report import build_report, print_summary, write_report
 
+    from vac.validate import validate_compress
     console = console or Console(stderr=True)
-    if cfg.out:
-        check_out_dir(cfg.out, cfg.overwrite)  # fail before minutes of work, not after
+    validate_compress(cfg)  # every input and the output location, before minutes of work, not after
     timer = Timer()
     device = resolve_device(cfg.device)
     with timer("load"):
@@ -93,13 +94,10 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
             evaluation["tokens"] = evaluation["dense"]["tokens"]
     recovery = None
     if recovering:
-        from vac.recover import load_recover_yaml, make_recover_config, recover_
+        from vac.recover import recover_
+        from vac.recover.config import from_compress_config
 
-        values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
-                  "eval_samples": cfg.eval_samples, "seed": cfg.seed}
-        values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
-        values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
-        rcfg = make_recover_config(values)
+        rcfg = from_compress_config(cfg)
         # checkpoints live beside --out (not inside: the export is written atomically at the end);
         # an interrupted run resumes from them unless --overwrite asks for a fresh start
         run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
@@ -166,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         run(cfg)
     except VacError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

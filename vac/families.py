@@ -61,6 +61,16 @@ def supported() -> list[str]:
     return sorted(FAMILIES)
 
 
+def kinds() -> tuple[str, ...]:
+    """Matrix kinds (q_proj, ..., down_proj) of every family's targets, in declared order: the
+    names a per-kind budget multiplier may use."""
+    seen: dict[str, None] = {}
+    for family in FAMILIES.values():
+        for path in family.attention + family.mlp:
+            seen.setdefault(path.rsplit(".", 1)[-1], None)
+    return tuple(seen)
+
+
 def get_family(model_or_config) -> Family:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)

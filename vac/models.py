@@ -119,7 +119,7 @@ def _check_family(config) -> None:
 
 
 def _load_directory(directory: Path, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if not (directory / "config.json").is_file():
         raise VacError(f"{directory} has no config.json; point --model at a Hugging Face model directory")
@@ -129,7 +129,7 @@ def _load_directory(directory: Path, dtype: torch.dtype):
         hint = (f" (found {', '.join(other)}: VAC loads only safetensors; convert them with "
                 "transformers' save_pretrained(safe_serialization=True))" if other else "")
         raise VacError(f"{directory} has no *.safetensors weights{hint}")
-    config = AutoConfig.from_pretrained(directory)
+    config = read_config(directory)
     _check_family(config)
     tok = load_tokenizer(directory)
     try:
@@ -138,6 +138,19 @@ def _load_directory(directory: Path, dtype: torch.dtype):
         raise VacError(f"could not read the weights in {directory} ({type(e).__name__}: {e}); "
                        "the files may be corrupt or incomplete: re-download or re-export them") from e
     return model, tok
+
+
+def read_config(directory: Path):
+    """The model's config; a config.json that is not valid JSON is a VacError naming the file and line."""
+    from transformers import AutoConfig
+
+    from vac.validate import read_json_file
+
+    read_json_file(directory / "config.json", "the model's config")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise VacError(f"could not read {directory / 'config.json'} ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(directory: Path, gguf_file: str | None = None):
@@ -190,9 +203,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def _bundled_target() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
 def _bundled_directory() -> Path:
     """The bundled GGUF, dequantized once into a cached safetensors directory (loads in ~1 s after)."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = _bundled_target()
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = bundled_gguf_path()
