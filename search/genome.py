@@ -17,14 +17,22 @@ from typing import Any
 
 import yaml
 
+# The vocabularies are vac.compress's own (one source of truth): a method registered in
+# vac/methods.py, an order in vac/config.py or a family in vac/families.py reaches the search
+# without a second list to update.
+from vac.config import ALLOCATIONS, GRANULARITIES
+from vac.config import ORDERS as NAMED_ORDERS
 from vac.errors import VacError
 from vac.validate import EXPONENT, Bounds, check_multipliers, check_number
 
 
-METHODS = ("svd", "whiten", "fisher", "kfac")
-NAMED_ORDERS = ("one-shot", "front-to-back", "back-to-front", "middle-out")
-GRANULARITIES = ("layer", "matrix")
-ALLOCATIONS = ("uniform", "knapsack")
+def methods() -> tuple[str, ...]:
+    """The registered factorization methods (vac/methods.py ``METHODS``), read when asked, so
+    that methods registered after import are searched too."""
+    from vac.methods import METHODS  # late: it imports torch
+
+    return tuple(METHODS)
+
 
 #: every key a genome can write; all are ``CompressConfig`` fields of the same name
 CONFIG_KEYS = ("method", "fisher_exponent", "kfac_out_exponent", "kfac_in_exponent", "order",
@@ -63,8 +71,8 @@ class Genome:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise VacError(f"genome method {self.method!r} is not one of {METHODS}")
+        if self.method not in methods():
+            raise VacError(f"genome method {self.method!r} is not one of {methods()}")
         if self.granularity not in GRANULARITIES:
             raise VacError(f"genome granularity {self.granularity!r} is not one of {GRANULARITIES}")
         if self.allocation not in ALLOCATIONS:

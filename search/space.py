@@ -22,7 +22,7 @@ from vac.errors import VacError
 
 from vac.validate import EXPONENT, POSITIVE, Bounds, as_layers, check_multipliers, check_number
 
-from .genome import ALLOCATIONS, GRANULARITIES, METHODS, NAMED_ORDERS, Genome
+from .genome import ALLOCATIONS, GRANULARITIES, NAMED_ORDERS, Genome, methods
 
 #: valid values of the real genes (multipliers: > 0)
 _REAL_BOUNDS = {"ratio": Bounds(1, low_open=True), "exponent": EXPONENT, "in_exponent": EXPONENT}
@@ -107,7 +107,7 @@ class SearchSpace:
                                "or a list of layer indices")
         elif sorted(self.order) != list(range(self.num_layers)):
             raise VacError(f"search space order {self.order} is not a permutation of {self.num_layers} layers")
-        self.method = _as_choices("method", self.method, METHODS)
+        self.method = _as_choices("method", self.method, methods())
         self.granularity = _as_choices("granularity", self.granularity, GRANULARITIES)
         self.allocation = _as_choices("allocation", self.allocation, ALLOCATIONS)
         check_multipliers({k: 1.0 for k in self.multipliers}, "search space multipliers")  # the keys

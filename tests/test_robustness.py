@@ -137,6 +137,43 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
+# --- the families table and one vocabulary for the search -------------------------------------------------
+
+
+def test_family_never_is_enforced():
+    from vac.families import Family
+
+    with pytest.raises(ValueError, match="never"):
+        Family("x", attention=("self_attn.q_proj", "self_attn.q_norm"), mlp=(),
+               stages=(("self_attn.q_proj", "self_attn.q_norm"),))
+
+
+def test_a_registered_method_reaches_the_search():
+    from vac.methods import METHODS, Method, register
+    from vac.search import Genome, SearchSpace
+
+    with pytest.raises(VacError, match="not among"):
+        SearchSpace(num_layers=4, method=["kfac", "mine"])
+    register(Method("mine", False, False, False, METHODS["svd"].fit, "a method registered by a user"))
+    try:
+        space = SearchSpace(num_layers=4, method=["kfac", "mine"])
+        assert ("method", ("kfac", "mine")) in space.cat_genes
+        assert Genome(order="front-to-back", ratio=1.5, method="mine").to_config()["method"] == "mine"
+        assert make_config({"method": "mine"}).method == "mine"
+    finally:
+        del METHODS["mine"]
+
+
+def test_search_vocabularies_are_the_registries():
+    from vac import config
+    from vac.families import kinds
+    from vac.search import genome
+
+    assert genome.NAMED_ORDERS == config.ORDERS and genome.GRANULARITIES == config.GRANULARITIES
+    assert genome.ALLOCATIONS == config.ALLOCATIONS
+    assert set(kinds()) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 # --- exports: what --overwrite replaces, leftovers, permissions, no local paths ----------------------------
 
 
