@@ -238,6 +238,27 @@ def test_export_has_ordinary_permissions(factorized, tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}
 
 
+def test_published_files_hold_no_local_paths(tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    from vac.compress import main
+
+    write_tiny_checkpoint(tmp_path / "model")
+    write_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "model"), "--calib-data", str(tmp_path / "corpus.txt"), "--eval-data",
+                 str(tmp_path / "corpus.txt"), "--calib-samples", "8", "--eval-samples", "4", "--seq-len", "32",
+                 "--batch-size", "4", "--fisher-samples", "2", "--ratio", "1.5", "--out", str(out)]) == 0
+    for p in out.iterdir():
+        if p.suffix in (".json", ".md", ".py", ".jinja", ".txt"):
+            text = p.read_text()
+            assert str(tmp_path) not in text and str(Path.home()) not in text, p.name
+    report = json.loads((out / "report.json").read_text())
+    assert report["base_model"] == report["model"] == "a local checkpoint"
+    assert report["config"]["calib_data"] == "local:corpus.txt"
+    assert json.loads((out / "config.json").read_text())["vac"]["base_model"] == "a local checkpoint"
+
+
 # --- data -------------------------------------------------------------------------------------------------
 
 

@@ -64,9 +64,10 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
     from vac.families import get_family
     from vac.models import load, resolve_device
     from vac.pipeline import compress_, param_count
+    from vac.public import public
     from vac.report import build_report, print_summary, write_report
-
     from vac.validate import validate_compress
+
     console = console or Console(stderr=True)
     validate_compress(cfg)  # every input and the output location, before minutes of work, not after
     timer = Timer()
@@ -148,10 +149,10 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
             if recovery is not None and recovery.get("plot") and Path(recovery["plot"]).is_file():
                 shutil.copy2(recovery["plot"], tmp / "recover_curves.png")
             report["timings_s"]["export"] = time.perf_counter() - t0
-            write_report(tmp, report, result)
+            write_report(tmp, public(report), result)  # public: no local paths in what gets published
 
-        out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
-                     quantized=quantized, card=lambda tmp: model_card(report), verify_ids=calib[:1, :64])
+        out = export(model, tok, cfg.out, vac_meta=public(vac_meta), overwrite=cfg.overwrite, write_extras=extras,
+                     quantized=quantized, card=lambda tmp: model_card(public(report)), verify_ids=calib[:1, :64])
         console.print(f"wrote {out}")
     print_summary(report, console)
     return report

@@ -83,6 +83,7 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     from vac.data import token_blocks
     from vac.export import export, write_json
     from vac.models import load
+    from vac.public import public
     from vac.validate import validate_recover
 
     student_dir = Path(args.student).expanduser()
@@ -127,6 +128,7 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
         ev["recovered"] = result["after"]["student"]
     vac_meta = dict(student.config.vac)
     vac_meta["recovered"] = {"teacher": args.teacher, "steps": result["steps"], "tokens": result["tokens"]}
+    report, vac_meta = public(report), public(vac_meta)  # no local paths in what gets published
 
     def extras(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
