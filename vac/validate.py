@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -520,7 +521,8 @@ def check_out_location(out, flag: str = "--out", *, overwrite: bool = False, exp
             raise VacError(f"{flag} {out} holds {input_flag} {value}; the export would replace its own input: "
                            f"choose another {flag}")
     anchor = check_writable_location(out, flag, inside=False)
-    clean_interrupted(out)
+    for line in clean_interrupted(out):
+        logging.getLogger("vac").info(line)
     check_out_dir(out, overwrite)
     if expected_bytes:
         free = shutil.disk_usage(anchor).free
