@@ -91,7 +91,7 @@ class CompressConfig:
     device: str = _f("auto", "torch device: auto | cpu | cuda | cuda:N")
     dtype: str = _f("float32", "model dtype for compression: float32 | bfloat16 | float16")
     out: str | None = _f(None, "output directory for the compressed checkpoint (omit to only evaluate)")
-    overwrite: bool = _f(False, "allow writing into a non-empty --out")
+    overwrite: bool = _f(False, "replace a previous VAC export in --out (a folder holding anything else is refused)")
     evaluate: bool = _f(True, "evaluate dense and compressed models on the evaluation split")
 
     def validate(self) -> "CompressConfig":

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="the dense model it was compressed from (hub id, directory, "
                    ".gguf, or 'smollm2-135m')")
     p.add_argument("--out", help="output directory of the recovered checkpoint (default: STUDENT-recovered)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous VAC export in --out (a folder holding anything else is refused)")
     p.add_argument("--run-dir", help="checkpoints, curves and W&B files (default: OUT.run)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --run-dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
