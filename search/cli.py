@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from vac.errors import VacError
+from vac.validate import CliParser, one_line, validate_search
 
 from .config import SearchConfig
 from .executors import make_executor
@@ -31,7 +32,7 @@ from .tracking import NullTracker, WandbTracker
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vac.search",
+    p = CliParser(prog="python -m vac.search",
                                 description="Evolutionary (NSGA-II) search over compression strategies. "
                                             "Options left out take their value from --config.")
     p.add_argument("--config", required=True, help="search recipe YAML (see configs/search/)")
@@ -65,10 +66,11 @@ def resolve(args: argparse.Namespace) -> SearchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         cfg = resolve(args)
-        run_dir = Path(cfg.out)
+        run_dir = Path(cfg.out).expanduser()
+        validate_search(cfg, run_dir, args.resume)  # recipe, model, data, run folder: before writing anything
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         if not args.no_progress:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             executor.close()
     except VacError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume (the last finished generation is saved)", file=sys.stderr)

@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vac.config import CompressConfig
 from vac.errors import VacError
+from vac.validate import NON_NEGATIVE, POSITIVE, check_number, read_yaml_file
 
 from .evaluators import EvaluatorSpec
 from .loop import SearchSettings
@@ -60,6 +59,12 @@ class SearchConfig:
         if "space" not in data:
             raise VacError("a search config needs a 'space:' section (at least num_layers)")
         data = dict(data)
+        for key, kind in (("space", dict), ("search", dict), ("evaluation", dict), ("toy", dict),
+                          ("compress_base", dict), ("wandb", dict), ("runtime_env", dict),
+                          ("evaluator", str), ("out", str), ("address", str)):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise VacError(f"search config {key!r} must be a {'mapping' if kind is dict else 'string'}, "
+                               f"got {data[key]!r}")
         data["space"] = SearchSpace.from_dict(data["space"] or {})
         settings = data.get("search") or {}
         bad = sorted(set(settings) - {f.name for f in fields(SearchSettings)})
@@ -78,9 +83,13 @@ class SearchConfig:
             # genomes are made canonical (genes that do nothing dropped) for the default objective
             raise VacError("compress_base sets objective, which the search does not vary; the search assumes "
                            "objective dense-target")
-        for name, ref in refs.items():
+        for name, ref in [("compress_base", data.get("compress_base") or {}),
+                          *((f"reference {k!r}", v) for k, v in refs.items())]:
             if bad := sorted(set(ref) - valid_keys):
-                raise VacError(f"reference {name!r} has keys {bad} that vac.compress does not know")
+                raise VacError(f"search config {name} has keys {bad} that vac.compress does not know")
+        for key, bounds in (("workers", NON_NEGATIVE), ("gpus_per_actor", NON_NEGATIVE), ("cpus_per_actor", POSITIVE)):
+            if data.get(key) is not None:
+                check_number(f"search config {key}", data[key], bounds, integer=key == "workers")
         for key in ("evaluation", "toy", "compress_base", "references", "wandb"):
             if data.get(key) is None:
                 data.pop(key, None)
@@ -91,11 +100,7 @@ class SearchConfig:
         path = Path(path)
         if not path.is_file():
             raise VacError(f"search config {path} not found (presets live in configs/search/)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise VacError(f"search config {path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_file(path, "search config"))
 
     def evaluator_spec(self) -> EvaluatorSpec:
         options = self.toy if self.evaluator == "toy" else self.evaluation

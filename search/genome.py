@@ -17,15 +17,22 @@ from typing import Any
 
 import yaml
 
+# The vocabularies are vac.compress's own (one source of truth): a method registered in
+# vac/methods.py, an order in vac/config.py or a family in vac/families.py reaches the search
+# without a second list to update.
+from vac.config import ALLOCATIONS, GRANULARITIES
+from vac.config import ORDERS as NAMED_ORDERS
 from vac.errors import VacError
+from vac.validate import EXPONENT, Bounds, check_multipliers, check_number
 
-METHODS = ("svd", "whiten", "fisher", "kfac")
-NAMED_ORDERS = ("one-shot", "front-to-back", "back-to-front", "middle-out")
-GRANULARITIES = ("layer", "matrix")
-ALLOCATIONS = ("uniform", "knapsack")
-COMPONENTS = ("attention", "mlp")
-KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MULTIPLIER_KEYS = COMPONENTS + KINDS
+
+def methods() -> tuple[str, ...]:
+    """The registered factorization methods (vac/methods.py ``METHODS``), read when asked, so
+    that methods registered after import are searched too."""
+    from vac.methods import METHODS  # late: it imports torch
+
+    return tuple(METHODS)
+
 
 #: every key a genome can write; all are ``CompressConfig`` fields of the same name
 CONFIG_KEYS = ("method", "fisher_exponent", "kfac_out_exponent", "kfac_in_exponent", "order",
@@ -64,8 +71,8 @@ class Genome:
         self.validate()
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise VacError(f"genome method {self.method!r} is not one of {METHODS}")
+        if self.method not in methods():
+            raise VacError(f"genome method {self.method!r} is not one of {methods()}")
         if self.granularity not in GRANULARITIES:
             raise VacError(f"genome granularity {self.granularity!r} is not one of {GRANULARITIES}")
         if self.allocation not in ALLOCATIONS:
@@ -76,13 +83,10 @@ class Genome:
                                f"nor one of {NAMED_ORDERS}")
         elif sorted(self.order) != list(range(len(self.order))):
             raise VacError(f"genome order {list(self.order)} is not a permutation of 0..{len(self.order) - 1}")
-        bad = sorted(set(self.multipliers) - set(MULTIPLIER_KEYS))
-        if bad:
-            raise VacError(f"genome multiplier keys {bad} are not among {MULTIPLIER_KEYS}")
-        if any(v <= 0 for v in self.multipliers.values()):
-            raise VacError(f"genome multipliers must be positive, got {self.multipliers}")
-        if not self.ratio > 1.0:
-            raise VacError(f"genome ratio must be > 1 (dense params / compressed params), got {self.ratio}")
+        check_multipliers(self.multipliers, "genome multipliers")
+        check_number("genome ratio (dense params / compressed params)", self.ratio, Bounds(1, low_open=True))
+        for name in ("exponent", "in_exponent"):
+            check_number(f"genome {name}", getattr(self, name), EXPONENT)
         if any(int(i) < 0 for i in self.keep_dense):
             raise VacError(f"genome keep_dense has negative layer indices: {self.keep_dense}")
 

@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from deap import tools
 from tqdm.auto import tqdm
 
 from vac.errors import VacError
+from vac.validate import check_search_settings
 
 from .evaluators import FAILED_QUALITY
 from .genome import dump_config
@@ -34,11 +36,11 @@ from .operators import SEED_ORDERS, Variation, make_offspring
 from .pareto import best_by_quality, hypervolume, nondominated, valid
 from .plots import plot_evaluations, plot_fitness, plot_pareto
 from .space import FitnessPareto, FitnessSingle, Individual, SearchSpace
-from .state import (atomic_write_json, atomic_write_text, individual_from_dict, individual_to_dict, isolated_rng,
-                    read_json, rng_state, set_rng_state)
+from .state import (STATE_FILE, atomic_write_json, atomic_write_text, has_state, individual_from_dict,
+                    individual_to_dict, isolated_rng, load_state, remove_stale_tmp, rng_state, save_state,
+                    set_rng_state)
 from .tracking import NullTracker
 
-STATE_FILE = "state.json"
 STATE_VERSION = 1
 
 
@@ -66,6 +68,7 @@ class SearchSettings:
     metric: str = "quality"
 
     def __post_init__(self) -> None:
+        check_search_settings(self)  # types, finiteness, ranges
         if self.mode not in ("pareto", "single"):
             raise VacError(f"search mode {self.mode!r}: use 'pareto' or 'single'")
         if self.population < 2:
@@ -139,13 +142,17 @@ class Search:
 
     def run(self) -> SearchResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        state_path = self.run_dir / STATE_FILE
+        remove_stale_tmp(self.run_dir)
         state = None
-        if state_path.exists():
+        if has_state(self.run_dir):
             if not self.resume:
                 raise VacError(f"{self.run_dir} already holds a search checkpoint; pass --resume to "
                                "continue it, or choose another --out")
-            state = read_json(state_path)
+            state, skipped = load_state(self.run_dir)
+            if skipped:  # always said, progress bar or not: a generation is evaluated again
+                print(f"{'; '.join(skipped)}; resuming from the previous checkpoint, generation "
+                      f"{state['generation']}: generation {state['generation'] + 1} is evaluated again",
+                      file=sys.stderr)
             self._check_compatible(state)
         with isolated_rng():
             self.tracker.start(self.run_dir, self._describe(), resume_id=(state or {}).get("wandb_id"))
@@ -153,8 +160,8 @@ class Search:
             self._restore(state)
             if self._evaluate_references():  # added to the recipe after the checkpoint was made
                 self._checkpoint()
-                with isolated_rng():
-                    self._write_outputs()
+            with isolated_rng():  # outputs derive from the checkpoint: a kill may have cut them short
+                self._write_outputs()
         else:
             self._evaluate_references()
             random.seed(self.settings.seed)
@@ -301,7 +308,7 @@ class Search:
                  "cache": self.cache, "front": [e["key"] for e in self.front], "logbook": self.logbook,
                  "references": self.references,
                  "rng": rng_state()}
-        atomic_write_json(self.run_dir / STATE_FILE, state)
+        save_state(self.run_dir, state)
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:

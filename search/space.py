@@ -20,7 +20,12 @@ from deap import base
 
 from vac.errors import VacError
 
-from .genome import (ALLOCATIONS, GRANULARITIES, METHODS, MULTIPLIER_KEYS, NAMED_ORDERS, Genome)
+from vac.validate import EXPONENT, POSITIVE, Bounds, as_layers, check_multipliers, check_number
+
+from .genome import ALLOCATIONS, GRANULARITIES, NAMED_ORDERS, Genome, methods
+
+#: valid values of the real genes (multipliers: > 0)
+_REAL_BOUNDS = {"ratio": Bounds(1, low_open=True), "exponent": EXPONENT, "in_exponent": EXPONENT}
 
 
 class FitnessPareto(base.Fitness):
@@ -90,20 +95,22 @@ class SearchSpace:
     keep_dense: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
             raise VacError(f"search space num_layers must be a positive integer, got {self.num_layers!r}")
+        self.order = as_layers(self.order, "search space order", NAMED_ORDERS + ("search",))
+        self.keep_dense = as_layers(self.keep_dense, "search space keep_dense")
+        if not isinstance(self.multipliers, dict):
+            raise VacError(f"search space multipliers must be a mapping, got {self.multipliers!r}")
         if isinstance(self.order, str):
             if self.order != "search" and self.order not in NAMED_ORDERS:
                 raise VacError(f"search space order {self.order!r}: use 'search', one of {NAMED_ORDERS} "
                                "or a list of layer indices")
         elif sorted(self.order) != list(range(self.num_layers)):
             raise VacError(f"search space order {self.order} is not a permutation of {self.num_layers} layers")
-        self.method = _as_choices("method", self.method, METHODS)
+        self.method = _as_choices("method", self.method, methods())
         self.granularity = _as_choices("granularity", self.granularity, GRANULARITIES)
         self.allocation = _as_choices("allocation", self.allocation, ALLOCATIONS)
-        bad = sorted(set(self.multipliers) - set(MULTIPLIER_KEYS))
-        if bad:
-            raise VacError(f"search space multipliers {bad} are not among {MULTIPLIER_KEYS}")
+        check_multipliers({k: 1.0 for k in self.multipliers}, "search space multipliers")  # the keys
         self.keep_dense = sorted({int(i) for i in self.keep_dense})
         if any(not 0 <= i < self.num_layers for i in self.keep_dense):
             raise VacError(f"search space keep_dense {self.keep_dense} outside 0..{self.num_layers - 1}")
@@ -112,21 +119,23 @@ class SearchSpace:
         reals += [(f"multipliers.{k}", v) for k, v in sorted(self.multipliers.items())]
         self.real_genes: list[tuple[str, float, float]] = []
         for name, value in reals:
+            bounds = _REAL_BOUNDS.get(name, POSITIVE)  # multipliers: > 0
             if _is_range(value):
                 low, high = float(value[0]), float(value[1])
+                for end in (low, high):
+                    check_number(f"search space {name}", end, bounds)
                 if not low < high:
                     raise VacError(f"search space {name}: range [{low}, {high}] must have low < high")
                 self.real_genes.append((name, low, high))
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise VacError(f"search space {name}: expected a number or [low, high], got {value!r}")
+            else:
+                check_number(f"search space {name}", value, bounds)
         if _is_range(self.in_exponent) and ("kfac" not in self.method or self.granularity == ("matrix",)):
             # the default objective (dense-target) refits every matrix with C~ whitened exactly
             raise VacError("search space in_exponent is a range but can have no effect: it is kfac's input-side "
                            "exponent, and under per-matrix dense-target refits (granularity matrix) C~ is whitened "
                            "exactly; fix it (in_exponent: 0.5) or search granularity: [layer, matrix]")
-        low_ratio = self.real_genes[0][1] if self.real_genes and self.real_genes[0][0] == "ratio" else self.ratio
-        if not low_ratio > 1.0:
-            raise VacError(f"search space ratio must be > 1, got {self.ratio}")
         self.cat_genes: list[tuple[str, tuple[str, ...]]] = [
             (name, choices) for name in ("method", "granularity", "allocation")
             if len(choices := getattr(self, name)) > 1]

@@ -60,7 +60,9 @@ def _front_matter(report: dict, q: dict | None) -> list[str]:
     lines = ["---"]
     if report.get("license"):
         lines.append(f"license: {report['license']}")
-    lines += [f"base_model: {report['base_model']}", "library_name: transformers", "pipeline_tag: text-generation",
+    if _is_hub_id(report["base_model"]):  # the Hub links it; a local checkpoint has no id to give
+        lines.append(f"base_model: {report['base_model']}")
+    lines += ["library_name: transformers", "pipeline_tag: text-generation",
               "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     return lines
 

@@ -20,6 +20,7 @@ import torch
 
 from vac.config import CompressConfig, config_from_args
 from vac.errors import VacError
+from vac.validate import one_line
 
 log = logging.getLogger("vac")
 
@@ -78,11 +79,10 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
         from vac.dryrun import dry_run
 
         return dry_run(cfg, console)
-    from vac.export import check_out_dir
     from vac.models import open_checkpoint, resolve_device
+    from vac.validate import validate_compress
 
-    if cfg.out:
-        check_out_dir(cfg.out, cfg.overwrite)  # fail before minutes of work, not after
+    validate_compress(cfg)  # every input and the output location, before minutes of work, not after
     device = resolve_device(cfg.device)
     from vac.memory import Stages
 
@@ -94,8 +94,11 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
     try:
         report = _run(cfg, checkpoint, device, work, stages, progress, console)
     except BaseException:
-        if made_up and not cfg.out:
-            shutil.rmtree(work, ignore_errors=True)  # a temporary directory nobody could find again
+        # keep statistics a rerun can reuse (OUT.work, or the user's --work-dir); nothing else
+        if made_up and (not cfg.out or not any(work.rglob("*.safetensors"))):
+            shutil.rmtree(work, ignore_errors=True)
+        elif work.is_dir():
+            console.print(f"the statistics measured so far are kept in {work}: the same command reuses them")
         raise
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -109,6 +112,7 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
     from vac.hidden import HiddenStore
     from vac.home import CheckpointHome
     from vac.pipeline import compress_home, param_count
+    from vac.public import public
     from vac.quantize import quantize_model_
     from vac.report import build_report, print_summary, write_report
     from vac.statstore import StatsStore
@@ -183,19 +187,20 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
             if recovery is not None and recovery.get("plot") and Path(recovery["plot"]).is_file():
                 shutil.copy2(recovery["plot"], tmp / "recover_curves.png")
             report["timings_s"]["export"] = stages.seconds.get("export", 0.0)
-            write_report(tmp, report, result)
+            write_report(tmp, public(report), result)  # public: no local paths in what gets published
 
+        card = lambda tmp: model_card(public(report))  # noqa: E731
         with export_stage:
             if model is not None:
-                out = export(model, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
-                             quantized=quantized, card=lambda tmp: model_card(report), verify_ids=calib[:1, :64],
+                out = export(model, tok, cfg.out, vac_meta=public(vac_meta), overwrite=cfg.overwrite,
+                             write_extras=extras, quantized=quantized, card=card, verify_ids=calib[:1, :64],
                              dtype=export_dtype)
             else:
-                out = export_home(home, tok, cfg.out, vac_meta=vac_meta, overwrite=cfg.overwrite, write_extras=extras,
-                                  card=lambda tmp: model_card(report), verify_ids=calib[:1, :64], progress=progress)
+                out = export_home(home, tok, cfg.out, vac_meta=public(vac_meta), overwrite=cfg.overwrite,
+                                  write_extras=extras, card=card, verify_ids=calib[:1, :64], progress=progress)
         report["timings_s"]["export"] = stages.seconds["export"]
         report["memory"] = stages.memory
-        write_report(out, report, plots=False)  # the export's own time and memory, now known
+        write_report(out, public(report), plots=False)  # the export's own time and memory, now known
         console.print(f"wrote {out}")
     print_summary(report, console)
     return report
@@ -211,13 +216,10 @@ def _recovering(cfg: CompressConfig) -> bool:
 
 def _recover(cfg: CompressConfig, home, tok, eval_blocks, evaluation: dict, stages, progress: bool) -> dict:
     """Distil the compressed model from the dense one; both are loaded whole (training needs them)."""
-    from vac.recover import load_recover_yaml, make_recover_config, recover_
+    from vac.recover import recover_
+    from vac.recover.config import from_compress_config
 
-    values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
-              "eval_samples": cfg.eval_samples, "seed": cfg.seed}
-    values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
-    values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
-    rcfg = make_recover_config(values)
+    rcfg = from_compress_config(cfg)
     # checkpoints live beside --out (not inside: the export is written atomically at the end);
     # an interrupted run resumes from them unless --overwrite asks for a fresh start
     run_dir = Path(cfg.out).with_name(Path(cfg.out).name + ".recover") if cfg.out else None
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         run(cfg)
     except VacError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

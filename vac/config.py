@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vac.errors import VacError
 
 ORDERS = ("one-shot", "front-to-back", "back-to-front", "middle-out")
@@ -102,7 +100,7 @@ class CompressConfig:
                            "bfloat16 for OLMo 3 and the bundled SmolLM2) | float32 | bfloat16 | float16. The "
                            "pipeline computes with weights rounded to it, so it evaluates what it exports")
     out: str | None = _f(None, "output directory for the compressed checkpoint (omit to only evaluate)")
-    overwrite: bool = _f(False, "allow writing into a non-empty --out")
+    overwrite: bool = _f(False, "replace a previous VAC export in --out (a folder holding anything else is refused)")
     evaluate: bool = _f(True, "evaluate dense and compressed models on the evaluation split")
     work_dir: str | None = _f(None, "where the statistics store, spilled hidden states and factorized layers go "
                               "(default: OUT.work beside --out, else a temporary directory); removed after a "
@@ -114,6 +112,9 @@ class CompressConfig:
                        "the config alone (no weights are loaded), then exit")
 
     def validate(self) -> "CompressConfig":
+        from vac.validate import check_compress_options
+
+        check_compress_options(self)  # types, finiteness and ranges of every option; list spellings
         r = self.ratio
         if not isinstance(r, (int, float)) or isinstance(r, bool) or math.isnan(r) or math.isinf(r) or r <= 1:
             raise VacError(f"--ratio must be a finite number > 1 (dense/compressed size), got {r!r}; "
@@ -210,11 +211,10 @@ def load_yaml(path: str | Path, cls: type = None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise VacError(f"config file {p} does not exist; see configs/ for the shipped presets")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise VacError(f"config file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
+    from vac.validate import read_yaml_file
+
+    data = read_yaml_file(p, "config file") or {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise VacError(f"config file {p} must hold a mapping of option: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     known = {f.name for f in dataclasses.fields(cls)}
@@ -245,7 +245,9 @@ def coerce_numbers(cls: type, values: dict) -> dict:
 
 
 def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from vac.validate import CliParser, layers_type, yaml_mapping_type
+
+    parser = CliParser(
         prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Compress a causal LM by loss-aware low-rank factorization of its linear layers.")
     parser.add_argument("--config", help="YAML file of options (configs/*.yaml); command-line options override it")
@@ -256,12 +258,12 @@ def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParse
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        if f.name == "order":
-            kwargs["type"] = _parse_order
+        if f.name in ("order", "keep_dense"):  # one spelling for layer lists: 0,-1 or [0,-1] or 5
+            kwargs["type"] = layers_type(ORDERS if f.name == "order" else ())
         elif "type" in f.metadata:
             kwargs["type"] = f.metadata["type"]
-        elif isinstance(default, (list, dict)):
-            kwargs["type"] = _parse_yaml_value
+        elif isinstance(default, dict):
+            kwargs["type"] = yaml_mapping_type
         elif isinstance(default, float):
             kwargs["type"] = float
         elif isinstance(default, int):
@@ -269,16 +271,6 @@ def build_parser(prog: str = "python -m vac.compress") -> argparse.ArgumentParse
         kwargs["help"] += f" (default: {default})"
         parser.add_argument(flag, **kwargs)
     return parser
-
-
-def _parse_order(text: str):
-    if "," in text or text.strip().startswith("["):
-        return [int(t) for t in text.strip("[] ").split(",") if t.strip()]
-    return text
-
-
-def _parse_yaml_value(text: str):
-    return yaml.safe_load(text)
 
 
 def config_from_args(argv: list[str] | None = None, prog: str = "python -m vac.compress") -> CompressConfig:

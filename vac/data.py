@@ -19,12 +19,13 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -118,42 +119,152 @@ def iter_documents(source: str, tokenizer=None) -> Iterator[str]:
 
 
 def _file_documents(path: Path, tokenizer) -> Iterator[str]:
-    if path.suffix == ".txt":
-        # documents are separated by blank lines
-        text = path.read_text(encoding="utf-8", errors="replace")
-        yield from (d.strip() for d in text.split("\n\n") if d.strip())
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise VacError(f"{path}:{lineno} is not valid JSON ({e})") from e
-                doc = record_text(row, tokenizer, where=f"{path}:{lineno}")
-                if doc:
-                    yield doc
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    for where, row in file_records(path):
+        doc = record_text(row, tokenizer, where=where)
+        if doc:
+            yield doc
 
-        table = pq.read_table(path)
-        for row in table.to_pylist():
-            doc = record_text(row, tokenizer, where=str(path))
+
+# --- reading local files, and telling text from what is not ---------------------------------------
+
+#: characters that do not occur in text: C0/C1 controls other than tab, newlines and form feed,
+#: and U+FFFD, which is what an undecodable byte becomes
+_JUNK = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufffd]")
+#: above this share of such characters a "text" is binary data or in another encoding (UTF-16...);
+#: a short document with an accent or two that did not decode is still text
+MAX_JUNK = 0.05
+MIN_JUNK = 3
+#: how much of each local file the up-front check reads
+HEAD_BYTES = 1 << 20
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse a string that is not text (a high share of control characters or undecodable bytes)."""
+    junk = sum(1 for _ in _JUNK.finditer(text)) if text else 0
+    if junk >= MIN_JUNK and junk > MAX_JUNK * len(text):
+        first = _JUNK.search(text).start()
+        raise VacError(f"{where} does not look like text: {junk / len(text):.0%} of its characters are control "
+                       f"characters or undecodable bytes (the first on line {text.count(chr(10), 0, first) + 1}); "
+                       "expected UTF-8 text")
+
+
+def read_text_file(path: Path, limit: int | None = None) -> str:
+    """A .txt file (or its first ``limit`` bytes) as text; a few bytes that are not UTF-8 (a
+    Latin-1 accent) are replaced with a warning naming the line, a file that is not text is refused."""
+    with path.open("rb") as fh:
+        data = fh.read() if limit is None else fh.read(limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = data.decode("utf-8", errors="replace")
+        check_text(text, str(path))
+        if limit is None or e.start < len(data) - 4:  # (the head may end inside a character)
+            log.warning("%s: %d byte(s) are not UTF-8 (the first on line %d); they were replaced", path,
+                        text.count("\ufffd"), data.count(b"\n", 0, e.start) + 1)
+    check_text(text, str(path))
+    return text
+
+
+def _jsonl_rows(lines: Iterable[bytes], path: Path) -> Iterator[tuple[str, dict]]:
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise VacError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                           "a .jsonl file holds one JSON record per line, in UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise VacError(f"{path}:{lineno} is not valid JSON ({e.msg} at column {e.colno}); a .jsonl file holds "
+                           "one record per line, such as {\"text\": \"...\"}") from None
+        if not isinstance(row, dict):
+            raise VacError(f"{path}:{lineno}: expected a JSON object with 'text' or 'messages', got "
+                           f"{type(row).__name__}")
+        yield f"{path}:{lineno}", row
+
+
+def _parquet_table(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        raise VacError(f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); expected a "
+                       "Parquet table with a 'text' or 'messages' column") from None
+
+
+def file_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of a local data file: .txt documents (separated by blank lines) as
+    ``{"text": ...}``, .jsonl lines, .parquet rows; ``where`` names the file and line or row."""
+    if path.suffix == ".txt":
+        for i, doc in enumerate(d.strip() for d in read_text_file(path).split("\n\n")):
             if doc:
-                yield doc
+                yield f"{path} (document {i + 1})", {"text": doc}
+    elif path.suffix == ".jsonl":
+        with path.open("rb") as fh:
+            yield from _jsonl_rows(fh, path)
+    elif path.suffix == ".parquet":
+        for i, row in enumerate(_parquet_table(path).to_pylist()):
+            yield f"{path} (row {i + 1})", row
     else:
         raise VacError(f"unsupported data file {path}; use .txt, .jsonl or .parquet")
 
 
+def check_source(source, flag: str) -> None:
+    """Up-front checks of a data source, before any model is loaded: it exists, and the head of
+    each local file is what its suffix says (text, JSON lines, a Parquet table with a text column).
+    Hub datasets are checked when streamed."""
+    if not isinstance(source, str) or not source.strip():
+        raise VacError(f"{flag} must name a data source ('bundled', a file, a folder or an HF dataset id), "
+                       f"got {source!r}")
+    if source == BUNDLED:
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+            raise VacError(f"{flag} {source!r}: no such file or directory")
+        return
+    for f in local_files(path):
+        if f.suffix == ".txt":
+            read_text_file(f, HEAD_BYTES)
+        elif f.suffix == ".jsonl":
+            with f.open("rb") as fh:
+                head = fh.read(HEAD_BYTES)
+                lines = head.split(b"\n")
+                if fh.read(1):
+                    lines = lines[:-1]  # the head ends inside a line
+            for _ in _jsonl_rows(lines, f):
+                pass
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                names = pq.ParquetFile(f).schema_arrow.names
+            except Exception as e:
+                raise VacError(f"{f} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); expected "
+                               "a Parquet table with a 'text' or 'messages' column") from None
+            if "text" not in names and "messages" not in names:
+                raise VacError(f"{f} has neither a 'text' nor a 'messages' column (columns: {names[:10]})")
+        else:
+            raise VacError(f"unsupported data file {f} ({flag}); use .txt, .jsonl or .parquet")
+
+
 def record_text(row: dict, tokenizer, where: str = "") -> str | None:
     """A record's text: its ``text`` field, or its ``messages`` rendered with the chat template."""
+    if not isinstance(row, dict):
+        raise VacError(f"{where}: records must be mappings with 'text' or 'messages', got {type(row).__name__}")
     if isinstance(row.get("text"), str):
-        return row["text"].strip() or None
+        text = row["text"].strip()
+        check_text(text, where)
+        return text or None
     if isinstance(row.get("messages"), list):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise VacError(f"{where}: conversation records need a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        check_text(text, where)
+        return text
     raise VacError(f"{where}: record has neither a 'text' string nor a 'messages' list "
                    f"(keys: {sorted(row)})")
 

@@ -29,7 +29,7 @@ class Family:
     #: target linears inside one decoder layer, by component
     attention: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    #: never factorized (documented here, and checked: none of these may be a target)
+    #: never factorized (checked when the table is built: no target may be, or end in, one of these)
     never: tuple[str, ...] = ("model.embed_tokens", "lm_head", "norm", "q_norm", "k_norm")
     #: the targets in the order a token flows through the layer, grouped by shared input: the
     #: linears of one stage read the very same tensor, so compressing one of them cannot change
@@ -42,6 +42,10 @@ class Family:
         staged = [p for stage in self.stages for p in stage]
         if sorted(staged) != sorted(self.attention + self.mlp):
             raise ValueError(f"{self.model_type}: stages {self.stages} must list every target exactly once")
+        never = {n.rsplit(".", 1)[-1] for n in self.never}
+        clash = [p for p in staged if p in self.never or p.rsplit(".", 1)[-1] in never]
+        if clash:
+            raise ValueError(f"{self.model_type}: targets {clash} are listed in never (never factorized)")
 
     def stage_of(self, sub: str) -> int:
         """Index of the stage (shared-input group) of a target's sub-module path."""
@@ -58,6 +62,16 @@ FAMILIES: dict[str, Family] = {
     name: Family(model_type=name, **_LLAMA_LIKE)
     for name in ("olmo3", "olmo2", "olmo", "llama", "qwen2", "qwen3", "mistral")
 }
+
+
+def kinds() -> tuple[str, ...]:
+    """Matrix kinds (q_proj, ..., down_proj) of every family's targets, in declared order: the
+    names a per-kind budget multiplier may use."""
+    seen: dict[str, None] = {}
+    for family in FAMILIES.values():
+        for path in family.attention + family.mlp:
+            seen.setdefault(path.rsplit(".", 1)[-1], None)
+    return tuple(seen)
 
 
 def supported() -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vac.data import BUNDLED, EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, local_files, record_text
+from vac.data import BUNDLED, EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, file_records, local_files, record_text
 from vac.errors import VacError
 
 #: The pre-training mix of OLMo 3 (Dolma 3), for real runs with network access; offline the
@@ -56,27 +56,8 @@ def local_records(source: str) -> Iterator[dict]:
     if not path.exists():
         raise VacError(f"data source {source!r}: no such file or directory")
     for f in local_files(path):
-        yield from _file_records(f)
-
-
-def _file_records(path: Path) -> Iterator[dict]:
-    if path.suffix == ".txt":  # documents are separated by blank lines (as in vac.data)
-        text = path.read_text(encoding="utf-8", errors="replace")
-        yield from ({"text": d.strip()} for d in text.split("\n\n") if d.strip())
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise VacError(f"{path}:{lineno} is not valid JSON ({e})") from e
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
-    else:
-        raise VacError(f"unsupported data file {path}; use .txt, .jsonl or .parquet")
+        for _, record in file_records(f):  # the same readers (and the same checks) as vac.data
+            yield record
 
 
 def open_stream(source: str):

@@ -119,18 +119,17 @@ def open_checkpoint(spec: str) -> Checkpoint:
 
 
 def _checkpoint(directory: Path, spec: str, base: str, source: str, dtype: torch.dtype | None) -> Checkpoint:
-    from transformers import AutoConfig
+    from vac.checks import scan_safetensors
 
     if not (directory / "config.json").is_file():
         raise VacError(f"{directory} has no config.json; point --model at a Hugging Face model directory")
     _check_weights_present(directory)
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as e:
-        raise VacError(f"could not read {directory / 'config.json'} ({type(e).__name__}: {e}); is it a valid "
-                       "Hugging Face config?") from None
+    config = read_config(directory)
     _check_family(config)
     tok = load_tokenizer(directory)
+    # a NaN/Inf weight would end as a LinAlgError deep inside an SVD: name the tensor now, reading
+    # the files one tensor at a time (one pass over the checkpoint, no model in memory)
+    scan_safetensors(directory)
     return Checkpoint(directory, tok, config, spec, base, source, dtype or published_dtype(config))
 
 
@@ -187,8 +186,23 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     else:
         model, tok = _load_hub(spec, torch_dtype)
         loaded = LoadedModel(model, tok, spec, spec, "hub")
+    check_weights_finite(loaded)
     loaded.model.to(resolve_device(device)).eval()
     return loaded
+
+
+def check_weights_finite(loaded: LoadedModel) -> None:
+    """A NaN/Inf weight would end as a LinAlgError deep inside an SVD: name the tensor now instead.
+
+    A safetensors directory is scanned file by file, one tensor in memory at a time (the check
+    does not need the model loaded); GGUF and Hub models are checked in memory.
+    """
+    from vac.checks import WEIGHTS_HINT, check_finite, scan_safetensors
+
+    if loaded.source in ("bundled", "directory"):
+        scan_safetensors(_bundled_directory() if loaded.source == "bundled" else Path(loaded.spec).expanduser())
+    else:
+        check_finite(loaded.model.state_dict().items(), f"weights of {loaded.spec}", WEIGHTS_HINT)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -201,7 +215,7 @@ def _check_family(config) -> None:
 
 
 def _load_directory(directory: Path, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if not (directory / "config.json").is_file():
         raise VacError(f"{directory} has no config.json; point --model at a Hugging Face model directory")
@@ -211,7 +225,7 @@ def _load_directory(directory: Path, dtype: torch.dtype):
         hint = (f" (found {', '.join(other)}: VAC loads only safetensors; convert them with "
                 "transformers' save_pretrained(safe_serialization=True))" if other else "")
         raise VacError(f"{directory} has no *.safetensors weights{hint}")
-    config = AutoConfig.from_pretrained(directory)
+    config = read_config(directory)
     _check_family(config)
     tok = load_tokenizer(directory)
     try:
@@ -220,6 +234,19 @@ def _load_directory(directory: Path, dtype: torch.dtype):
         raise VacError(f"could not read the weights in {directory} ({type(e).__name__}: {e}); "
                        "the files may be corrupt or incomplete: re-download or re-export them") from e
     return model, tok
+
+
+def read_config(directory: Path):
+    """The model's config; a config.json that is not valid JSON is a VacError naming the file and line."""
+    from transformers import AutoConfig
+
+    from vac.validate import read_json_file
+
+    read_json_file(directory / "config.json", "the model's config")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise VacError(f"could not read {directory / 'config.json'} ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(directory: Path, gguf_file: str | None = None):
@@ -272,9 +299,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def _bundled_target() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
 def _bundled_directory() -> Path:
     """The bundled GGUF, dequantized once into a cached safetensors directory (loads in ~1 s after)."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = _bundled_target()
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     return _dequantized_cache(bundled_gguf_path(), target, BUNDLED_BASE)

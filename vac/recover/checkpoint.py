@@ -15,12 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vac.checks import check_finite
 from vac.errors import VacError
+from vac.files import fsync_dir, sha256_file
 from vac.recover.config import RESUMABLE_CHANGES, RecoverConfig
 
 log = logging.getLogger("vac.recover")
 
 CHECKPOINT = "checkpoint"
+PREVIOUS = "checkpoint-previous"
+MANIFEST = "manifest.json"
 
 
 def _ranks(model: nn.Module) -> dict[str, int | None]:
@@ -64,6 +68,74 @@ def _fingerprint_diff(saved: dict, now: dict) -> list[str]:
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 
+def write_manifest(directory: Path, summary: dict) -> None:
+    """Flush every file of ``directory`` to disk, then record its size and sha256 in the manifest,
+    written last: a checkpoint without a manifest that verifies is incomplete or damaged."""
+    files = {}
+    for p in sorted(q for q in directory.rglob("*") if q.is_file() and q.name != MANIFEST):
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        files[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    with open(directory / MANIFEST, "w") as f:
+        f.write(json.dumps({**summary, "files": files}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """What is wrong with a checkpoint directory (None: every file is there, intact)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (an interrupted write, or an older VAC)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its manifest is damaged"
+    if "state.json" not in files:
+        return "the manifest lists no state.json"
+    for name, meta in files.items():
+        p = directory / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size:,} bytes, the manifest says {meta['bytes']:,} (truncated?)"
+        if sha256_file(p) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoint_step(directory: Path) -> str:
+    """'global step 40 (stage 0, step 40)' from a checkpoint's manifest ('step unknown' if unreadable)."""
+    try:
+        m = json.loads((directory / MANIFEST).read_text())
+        return f"global step {m['global_step']} (stage {m['stage']}, step {m['step']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "step unknown"
+
+
+def _global_step(directory: Path) -> int | None:
+    try:
+        return int(json.loads((directory / MANIFEST).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+#: what a recovery run folder holds: checkpoints, the run's results, W&B's offline files
+RUN_ENTRIES = frozenset({CHECKPOINT, PREVIOUS, f".{CHECKPOINT}.tmp", "recover.json", "recover_curves.png", "wandb"})
+
+
+def foreign_run_entries(run_dir: Path) -> list[str]:
+    """Entries of a recovery run folder that a run does not write (before deleting it for a fresh start)."""
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name not in RUN_ENTRIES)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any checkpoint, usable or not (a run to resume, not to overwrite)."""
+    return any((Path(run_dir) / name).is_dir() for name in (CHECKPOINT, PREVIOUS))
+
+
+
 def _json_dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
@@ -76,21 +148,38 @@ def _rng_state() -> dict:
 
 
 class Checkpointer:
-    """One checkpoint per run directory, replaced atomically.
+    """The run directory's checkpoints: the newest and the one before it, each verifiable.
 
-    The new checkpoint is written to a temporary sibling, then swapped in with two renames; a
-    crash between them leaves the previous checkpoint under ``.checkpoint.old``, which ``find``
-    falls back to. A SIGKILL at any moment therefore loses at most one checkpoint interval.
+    A checkpoint is written into ``.checkpoint.tmp``, closed by ``manifest.json`` (the size and
+    sha256 of every file, written last), verified, and only then rotated in: the newest becomes
+    ``checkpoint-previous`` and the new one ``checkpoint``. A SIGKILL at any moment therefore
+    leaves at least one complete checkpoint, and a checkpoint damaged later (a truncated or
+    altered file) is found by its manifest: resuming falls back to the previous one and says
+    which steps are trained again. Two checkpoints are kept on disk.
     """
 
     def __init__(self, run_dir: Path, accelerator):
         self.run_dir, self.acc = Path(run_dir), accelerator
-        self.path, self.old = self.run_dir / CHECKPOINT, self.run_dir / f".{CHECKPOINT}.old"
+        self.path, self.previous = self.run_dir / CHECKPOINT, self.run_dir / PREVIOUS
+        self.skipped: list[str] = []  # why newer checkpoints were passed over by the last find()
+
+    def candidates(self) -> list[Path]:
+        return [p for p in (self.path, self.previous) if p.is_dir()]
 
     def find(self) -> Path | None:
-        for p in (self.path, self.old):
-            if (p / "state.json").is_file():
+        """The newest checkpoint that verifies against its manifest (None when there is none at all).
+
+        Raises when checkpoints exist but none is usable: starting over silently would throw
+        away a run the user asked to resume."""
+        self.skipped = []
+        for p in self.candidates():
+            problem = verify_checkpoint(p)
+            if problem is None:
                 return p
+            self.skipped.append(f"{p.name} ({checkpoint_step(p)}) is unusable: {problem}")
+        if self.skipped:
+            raise VacError(f"no usable recovery checkpoint in {self.run_dir}: {'; '.join(self.skipped)}. Start "
+                           "over without resuming (a new --run-dir, or --overwrite with vac.compress)")
         return None
 
     def save(self, model, optimizer, scheduler, state: dict, fingerprint: dict) -> None:
@@ -108,19 +197,36 @@ class Checkpointer:
             unwrapped = acc.unwrap_model(model)
             weights = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in unwrapped.named_parameters()
                        if p.requires_grad}
+            # an update can overflow even when the loss and gradients were finite: such weights
+            # must not replace the last good checkpoint
+            try:
+                check_finite(weights.items(), f"the trained weights at global step {state.get('global_step')}",
+                             f"the checkpoint was not written; the last good one is kept in {self.path}. Lower "
+                             "--lr and start again")
+            except VacError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        acc.wait_for_everyone()
         if acc.is_main_process:
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             _json_dump(tmp / "state.json", {**state, "python_random": random.getstate()})
             _json_dump(tmp / "config.json", fingerprint)
+            write_manifest(tmp, {k: state.get(k) for k in ("stage", "step", "global_step")})
+            problem = verify_checkpoint(tmp)
+            if problem is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise VacError(f"the checkpoint written to {tmp} does not verify ({problem}); the previous "
+                               f"checkpoint is kept. Check the disk under {self.run_dir}")
+            # the newest becomes the previous one only now that the new one is complete and verified
             if self.path.exists():
-                shutil.rmtree(self.old, ignore_errors=True)
-                os.replace(self.path, self.old)
+                shutil.rmtree(self.previous, ignore_errors=True)
+                os.replace(self.path, self.previous)
             os.replace(tmp, self.path)
-            shutil.rmtree(self.old, ignore_errors=True)
+            fsync_dir(self.run_dir)
         acc.wait_for_everyone()
 
     def check(self, fingerprint: dict) -> Path | None:
@@ -132,6 +238,14 @@ class Checkpointer:
         if diffs:
             raise VacError(f"cannot resume from {path}: it was written by a different run configuration "
                            f"({'; '.join(diffs)}). Resume with the same options, or start a new --run-dir")
+        where = checkpoint_step(path)
+        if self.skipped:
+            newest, here = _global_step(self.path), _global_step(path)
+            lost = (f"global steps {here + 1}..{newest} are trained again" if newest is not None and here is not None
+                    else "the steps after it are trained again")
+            log.warning("%s; resuming from %s at %s: %s", "; ".join(self.skipped), path.name, where, lost)
+        else:
+            log.info("resuming from %s at %s", path, where)
         return path
 
     def load_state(self, path: Path) -> dict:

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vac.errors import VacError
 from vac.recover.checkpoint import _is_fsdp
 from vac.recover.config import RecoverConfig, load_recover_yaml, make_recover_config
@@ -22,7 +20,9 @@ from vac.recover.training import check_compatible
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from vac.validate import CliParser, yaml_list_type, yaml_mapping_type
+
+    p = CliParser(
         prog="python -m vac.recover", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Recover a VAC-compressed checkpoint by distillation from its dense teacher, and re-export it. "
                     "Several GPUs: `accelerate launch [--config_file configs/accelerate-fsdp-7b.yaml] -m vac.recover ...`.")
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="the dense model it was compressed from (hub id, directory, "
                    ".gguf, or 'smollm2-135m')")
     p.add_argument("--out", help="output directory of the recovered checkpoint (default: STUDENT-recovered)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous VAC export in --out (a folder holding anything else is refused)")
     p.add_argument("--run-dir", help="checkpoints, curves and W&B files (default: OUT.run)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --run-dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -45,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"] + f" (default: {default})")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, (list, dict)):
-            p.add_argument(flag, type=yaml.safe_load, **kw)
+        elif isinstance(default, list):
+            p.add_argument(flag, type=yaml_list_type, **kw)
+        elif isinstance(default, dict):
+            p.add_argument(flag, type=yaml_mapping_type, **kw)
         elif isinstance(default, float):
             p.add_argument(flag, type=float, **kw)
         elif isinstance(default, int):
@@ -60,15 +63,13 @@ def load_student(directory: str | Path, dtype: str = "float32"):
     """An exported VAC checkpoint (its own modeling code builds the factorized modules) + tokenizer."""
     from transformers import AutoModelForCausalLM
 
+    from vac.checks import scan_safetensors
     from vac.models import DTYPES, load_tokenizer
+    from vac.validate import check_student
 
     d = Path(directory).expanduser()
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise VacError(f"--student {d}: no config.json; point it at a directory written by `python -m vac.compress`")
-    if "vac" not in json.loads(cfg_path.read_text()):
-        raise VacError(f"--student {d} is not a VAC checkpoint (config.json has no 'vac' entry); compress it first "
-                       "with `python -m vac.compress --out DIR`")
+    check_student(d)
+    scan_safetensors(d)  # a NaN in the student would only show as a NaN loss
     tok = load_tokenizer(d)
     try:
         model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=DTYPES[dtype])
@@ -81,13 +82,15 @@ def load_student(directory: str | Path, dtype: str = "float32"):
 def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     from vac import __version__
     from vac.data import token_blocks
-    from vac.export import check_out_dir, export, write_json
+    from vac.export import export, write_json
     from vac.models import load
+    from vac.public import public
+    from vac.validate import validate_recover
 
     student_dir = Path(args.student).expanduser()
     out = Path(args.out).expanduser() if args.out else student_dir.with_name(student_dir.name + "-recovered")
     run_dir = Path(args.run_dir).expanduser() if args.run_dir else out.with_name(out.name + ".run")
-    check_out_dir(out, args.overwrite)
+    validate_recover(args, rcfg, out, run_dir)  # inputs, data, --out and --run-dir before loading anything
     acc = make_accelerator(rcfg)
     student, tok = load_student(student_dir, args.dtype)
     tdtype = args.teacher_dtype
@@ -126,6 +129,7 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
         ev["recovered"] = result["after"]["student"]
     vac_meta = dict(student.config.vac)
     vac_meta["recovered"] = {"teacher": args.teacher, "steps": result["steps"], "tokens": result["tokens"]}
+    report, vac_meta = public(report), public(vac_meta)  # no local paths in what gets published
 
     def extras(tmp: Path) -> None:
         write_json(tmp / "report.json", report)
@@ -169,16 +173,18 @@ def recovery_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vac.validate import one_line
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig) if hasattr(args, f.name)}
     try:
+        args = build_parser().parse_args(argv)
+        opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig) if hasattr(args, f.name)}
         values = load_recover_yaml(args.config) if args.config else {}
         values.update(opts)  # the command line wins over the YAML file
         rcfg = make_recover_config(values)
         return run_cli(args, rcfg)
     except VacError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -75,6 +75,9 @@ class RecoverConfig:
     seed: int = _f(0, "random seed (data order, mixing)")
 
     def validate(self) -> "RecoverConfig":
+        from vac.validate import check_recover_options
+
+        check_recover_options(self)  # types, finiteness and ranges of every option
         for name in ("batch_size", "grad_accum", "seq_len"):
             if int(getattr(self, name)) < 1:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -128,6 +131,16 @@ def make_recover_config(values: dict) -> RecoverConfig:
     if unknown:
         raise VacError(f"unknown recovery options {unknown}; valid: {', '.join(sorted(known))}")
     return RecoverConfig(**coerce_numbers(RecoverConfig, values)).validate()
+
+
+def from_compress_config(cfg) -> RecoverConfig:
+    """The recovery options of ``vac.compress --recover-steps/--recover-minutes``: its data and
+    sequence length, then --recover-config, then its step and time budget."""
+    values = {"pretrain_data": cfg.calib_data, "eval_data": cfg.eval_data, "seq_len": cfg.seq_len,
+              "eval_samples": cfg.eval_samples, "seed": cfg.seed}
+    values.update(load_recover_yaml(cfg.recover_config) if cfg.recover_config else {})
+    values.update(steps=cfg.recover_steps, max_minutes=cfg.recover_minutes)
+    return make_recover_config(values)
 
 
 def load_recover_yaml(path: str | Path) -> dict:

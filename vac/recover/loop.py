@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from torch import nn
 
 from vac.errors import VacError
 from vac.recover.checkpoint import (Checkpointer, StopRequest, Tracker, _fingerprint, _is_fsdp, _json_dump,
-                                    plot_history)
+                                    checkpoint_step, has_checkpoint, plot_history)
 from vac.recover.config import RecoverConfig
 from vac.recover.training import (WarmupCosine, balance_factors_, check_compatible, check_param_groups,
                                   classify_parameters, distillation_loss, make_optimizer, param_groups)
@@ -131,7 +132,7 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
             path = ckpt.check(fingerprint)
             if path is None:
                 log.warning("no checkpoint in %s: starting from the beginning", run_dir)
-        elif ckpt.find() is not None:
+        elif has_checkpoint(run_dir):
             raise VacError(f"{run_dir} already holds a recovery checkpoint; resume it (--resume) or choose "
                            "another run directory")
         if main:
@@ -275,8 +276,14 @@ def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, mix, optimizer, r
     interrupted = False
     while step < lam.total and not (budget and time.perf_counter() - t_stage >= budget):
         metrics = _train_step(acc, model, teacher, mix, rcfg, stage.alpha)
-        if rcfg.max_grad_norm > 0:
-            metrics["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), rcfg.max_grad_norm))
+        # the norm is measured even without clipping (max norm inf): a NaN gradient must be seen
+        # before the optimizer writes it into the weights
+        metrics["grad_norm"] = float(acc.clip_grad_norm_(model.parameters(), rcfg.max_grad_norm or float("inf")))
+        try:
+            _check_finite_step(metrics, stage.name, step + 1, ckpt)
+        except VacError:
+            bar.close()  # (so that the error starts on a line of its own)
+            raise
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         optimizer.step()
         scheduler.step()
@@ -314,6 +321,21 @@ def _run_stage(stage: _Stage, si: int, *, acc, model, teacher, mix, optimizer, r
     state[f"steps_{stage.name}"] = step
     timings[stage.name] = timings.get(stage.name, 0.0) + time.perf_counter() - t_stage - clock
     return interrupted
+
+
+def _check_finite_step(metrics: dict, stage: str, step: int, ckpt) -> None:
+    """Stop on a NaN/Inf loss or gradient norm, before the optimizer step and before any checkpoint:
+    the weights in memory and the last checkpoint on disk are then both from the last good step."""
+    from vac.checks import check_loss
+
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        return
+    kept = (f"the last good checkpoint is kept in {ckpt.path} ({checkpoint_step(ckpt.path)})"
+            if ckpt is not None and ckpt.path.is_dir() else "no checkpoint was written before it")
+    hint = (f"training stopped and nothing was saved from this step; {kept}. Lower --lr or --attn-lr-mult, or "
+            "check --temperature and the student's weights, then start again")
+    check_loss(metrics["loss"], f"recovery {stage} step {step}: the training loss", hint)
+    check_loss(metrics["grad_norm"], f"recovery {stage} step {step}: the gradient norm", hint)
 
 
 def _train_step(acc, model, teacher, mix, rcfg: RecoverConfig, alpha: float) -> dict:
