@@ -173,3 +173,20 @@ def test_cached_hidden_states_do_not_grow_with_depth(tmp_path, order):
         assert uncapped[1] == uncapped[2] <= 4 * boundary, uncapped
     capped = [_peak_hidden(n, order, 3 * boundary, tmp_path)[0] for n in (2, 4, 8)]
     assert max(capped) <= 3 * boundary and capped[1] == capped[2], capped
+
+
+def test_non_finite_factors_stop_the_run_with_the_matrix_named(monkeypatch):
+    import vac.factorize as fz
+    from vac.checks import NonFiniteError
+
+    real = fz.whitened_factorize
+
+    def poisoned(W, C, rank, damp=fz.DEFAULT_DAMP):
+        f = real(W, C, rank, damp)
+        f.up[0, 0] = float("nan")
+        return f
+
+    monkeypatch.setattr(fz, "whitened_factorize", poisoned)
+    with pytest.raises(NonFiniteError, match=r"factors: model\.layers\.0\.self_attn\.q_proj\.up has 1 non-finite"):
+        compress_(deep_model(2), make_config(dict(method="whiten", ratio=1.5, allocation="uniform", order="one-shot")),
+                  random_blocks(4, 16), progress=False)

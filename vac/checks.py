@@ -86,10 +86,16 @@ def scan_safetensors(directory: str | Path) -> None:
     check_finite(safetensors_entries(directory), f"weights in {directory}", WEIGHTS_HINT)
 
 
+STATS_HINT = ("activations overflowed or the weights are not numbers: use --dtype float32, check the calibration "
+              "data, or raise --damp")
+FACTORS_HINT = "the weighted factorization was ill-conditioned: raise --damp or use --dtype float32"
+
+
 def check_loss(value: float, where: str, hint: str) -> None:
     """A training loss (or gradient norm) must be a finite number; ``where`` names the step."""
     if not math.isfinite(value):
         raise NonFiniteError(f"{where} is {value}; {hint}")
 
 
-__all__ = ["NonFiniteError", "check_finite", "check_loss", "safetensors_entries", "scan_safetensors"]
+__all__ = ["FACTORS_HINT", "NonFiniteError", "STATS_HINT", "check_finite", "check_loss", "safetensors_entries",
+           "scan_safetensors"]

@@ -130,8 +130,9 @@ def plan(cfg, shapes: Shapes, device_type: str) -> dict:
     covs = (3 * h * h + shapes.intermediate ** 2) * 4
     alloc_dev = outer + layer + activations + covs + (widest_out ** 2 + widest_in ** 2 + 2 * widest_out * widest_in) * solve
     # factorization: dense and current layer, C~ and C_cross of a stage, and the dense-target fit of the
-    # widest matrix: the damped C~, C_cross, the solve, a square root and its inverse, G^a and G^-a
-    fit = (8 * widest_in ** 2 + 3 * widest_out ** 2 + 3 * widest_out * widest_in) * solve
+    # widest matrix: the damped C~ (and its symmetrising temporary), C_cross, the Cholesky factor,
+    # G^a and G^-a, the weighted matrix and the SVD's factors
+    fit = (4 * widest_in ** 2 + 3 * widest_out ** 2 + 3 * widest_out * widest_in) * solve
     fact_dev = outer + 2 * layer + activations + 2 * widest_in ** 2 * 4 + fit
     eval_dev = outer + 2 * layer + activations + head_seq
     compressed = (shapes.outer_params() + shapes.layer_params() * L / cfg.ratio) * _bytes(export_dtype)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vac.checks import STATS_HINT, check_finite
 from vac.families import Target
 from vac.hidden import HiddenStore
 from vac.home import ModelHome, _Stop
@@ -155,6 +156,7 @@ class SequentialExecutor:
                      and any(j > l and (self.one_shot or self.dense_target) for j in remaining))
         stats = collect_stage(home, l, {sub: t.name for sub, t in subs.items()}, current, dense, self.inputs,
                               current_is_dense=step.first and not self._changed_below(l), want_dense_out=want_next)
+        check_finite([*stats.C.items(), *stats.C_cross.items()], f"input statistics of layer {l}", STATS_HINT)
         if want_next:
             out = stats.dense_out
             if out is None:

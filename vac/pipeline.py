@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vac.checks import FACTORS_HINT, check_finite
 from vac.config import CompressConfig
 from vac.errors import VacError
 from vac.executor import SequentialExecutor, plan_steps
@@ -165,6 +166,7 @@ def _factorize(home: ModelHome, cfg: CompressConfig, calib, targets, store, hidd
         if method.needs_fisher:
             stats.F = store.F(t.layer, t.name).to(W.device)
         f = method.fit(W, stats, result.ranks[t.name], cfg)
+        check_finite([(f"{t.name}.up", f.up), (f"{t.name}.down", f.down)], "factors", FACTORS_HINT)
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         result.spectra.setdefault(t.name, f.spectrum.cpu())
         return FactorizedLinear.from_factors(f.up, f.down, bias, dtype=W.dtype)

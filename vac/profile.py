@@ -23,6 +23,7 @@ import torch.nn.functional as Fn
 from tqdm.auto import tqdm
 
 from vac import factorize as fz
+from vac.checks import STATS_HINT, check_finite
 from vac.families import Target
 from vac.hidden import HiddenStore
 from vac.home import ModelHome
@@ -96,6 +97,8 @@ def profile_gradients(home: ModelHome, blocks: torch.Tensor, targets: list[Targe
             grads = new_grads
             hidden.drop(("grad", l))
             if modules:
+                check_finite([*((n, r) for n, rs in stats.rows.items() for r in rs), *stats.G.items(),
+                              *stats.fisher.items()], f"output-gradient statistics of layer {l}", STATS_HINT)
                 G = {}
                 for name in modules:
                     if not output_cov:
@@ -156,6 +159,7 @@ def allocation_spectra(home: ModelHome, calib: torch.Tensor, targets: list[Targe
                     y = home.run(layer, x, inputs, b)
                     if l < last:
                         h_next.append(y.to("cpu"))
+            check_finite(((n, cov.get(n)) for n in modules), f"input statistics of layer {l}", STATS_HINT)
             roots: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share one C
             for t in layers[l]:
                 W = modules[t.name].weight.detach()
@@ -168,6 +172,7 @@ def allocation_spectra(home: ModelHome, calib: torch.Tensor, targets: list[Targe
                 if G is not None:
                     A = G.to(W.device, dtype).damped(damp).power(0.5) @ A
                 out[t.name] = torch.linalg.svdvals(A).float().cpu()
+                check_finite([(t.name, out[t.name])], "allocation spectra", STATS_HINT)
             del cov, roots
             h = h_next
         elif l < last:
