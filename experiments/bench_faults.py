@@ -253,7 +253,7 @@ def main() -> int:
     make_inputs(work)
     # reference runs: how long each takes, when its stages start, what it produces
     ref = run(compress_cmd(work, work / "reference-export"), work / "reference-compress.log",
-              marks={"start": "Loading weights", "export": "Writing model shards", "wrote": "wrote "})
+              marks={"start": "VAC ", "export": "export:", "wrote": "wrote "})
     assert ref.rc == 0, ref.log[-2000:]
     shutil.copytree(work / "reference-export", work / "student")
     rows = []

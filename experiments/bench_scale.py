@@ -13,6 +13,9 @@ memory is its own (``wait4``'s ``ru_maxrss``); per-stage figures come from its `
     # extrapolated to 32 layers; --shape 32b for OLMo-3-32B layers, extrapolated to 64
     python experiments/bench_scale.py shapes --shape 7b --depths 1 2 4
 
+    # on a GPU machine: the full 7B depth in bf16, with the device's peak allocated bytes per stage
+    python experiments/bench_scale.py shapes --shape 7b --depths 1 32 --dtype bfloat16 --device cuda
+
 Every run uses the bundled tokenizer and corpus (16 x 256 calibration tokens unless --calib-samples
 / --seq-len say otherwise). Prints a markdown table; ``--results FILE`` appends it there too.
 """
@@ -65,7 +68,7 @@ def run_compress(model_dir: Path, out: Path, args: argparse.Namespace, pythonpat
     """One ``vac.compress`` run in a child; returns its peak RSS, wall time and report."""
     cmd = [sys.executable, "-m", "vac.compress", "--model", str(model_dir), "--ratio", "1.8", "--out", str(out),
            "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
-           "--eval-samples", str(args.eval_samples), "--device", "cpu"]
+           "--eval-samples", str(args.eval_samples), "--device", args.device]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -158,12 +161,14 @@ def shapes_mode(args: argparse.Namespace) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
     stages = ("compress/gradient_stats", "compress/allocation", "compress/factorize", "evaluate", "export")
     lo, hi = min(args.depths), max(args.depths)
-    rows = ["| depth | peak RSS GiB | " + " | ".join(f"{s} s" for s in stages) + " | total s |",
-            "|---|---|" + "---|" * (len(stages) + 1)]
+    rows = ["| depth | peak RSS GiB | peak device GiB | " + " | ".join(f"{s} s" for s in stages) + " | total s |",
+            "|---|---|---|" + "---|" * (len(stages) + 1)]
     for d in args.depths:
         t = results[d]["report"]["timings_s"]
-        rows.append(f"| {d} | {results[d]['peak_rss'] / GiB:.2f} | " + " | ".join(f"{t.get(s, 0):.0f}" for s in stages)
-                    + f" | {results[d]['seconds']:.0f} |")
+        device = max((m.get("device_bytes", 0) for m in results[d]["report"].get("memory", {}).values()
+                      if isinstance(m, dict)), default=0)
+        rows.append(f"| {d} | {results[d]['peak_rss'] / GiB:.2f} | {device / GiB:.2f} | "
+                    + " | ".join(f"{t.get(s, 0):.0f}" for s in stages) + f" | {results[d]['seconds']:.0f} |")
     full = FULL_DEPTH[args.shape]
     slope_mem = (results[hi]["peak_rss"] - results[lo]["peak_rss"]) / (hi - lo)
     per_layer = {s: (results[hi]["report"]["timings_s"].get(s, 0) - results[lo]["report"]["timings_s"].get(s, 0))
@@ -176,18 +181,18 @@ def shapes_mode(args: argparse.Namespace) -> list[str]:
     rows.append(f"Per extra layer: {slope_mem / (1 << 20):.0f} MiB of peak RSS ({slope_mem / layer_bytes:.2f}x one "
                 f"layer's {layer_bytes / GiB:.2f} GiB of {args.dtype} weights); seconds per layer: "
                 + ", ".join(f"{s} {v:.0f}" for s, v in per_layer.items()) + ".")
-    # the dry-run's plan at the same settings, on the CPU, next to the measurement
+    # the dry-run's plan at the same settings and device, next to the measurement
     cfg = make_config(dict(ratio=1.8, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                           eval_samples=args.eval_samples, device="cpu"))
+                           eval_samples=args.eval_samples, device=args.device))
     from transformers import Olmo3Config
 
     for d in (hi, full):
         config = Olmo3Config(**SHAPES[args.shape], num_hidden_layers=d, vocab_size=49152, tie_word_embeddings=False,
                              layer_types=["full_attention"] * d, dtype=args.dtype)
-        p = plan(cfg, Shapes.of(config), "cpu")
+        p = plan(cfg, Shapes.of(config), args.device)
         measured = f"{results[d]['peak_rss'] / GiB:.2f} GiB measured" if d in results else "extrapolated above"
-        rows.append(f"Dry-run plan at depth {d} on the CPU: host {p['peak']['host'] / GiB:.2f} GiB ({measured}), "
-                    f"disk {p['peak']['disk'] / GiB:.2f} GiB.")
+        rows.append(f"Dry-run plan at depth {d} on {args.device}: device {p['peak']['device'] / GiB:.2f} GiB, "
+                    f"host {p['peak']['host'] / GiB:.2f} GiB ({measured}), disk {p['peak']['disk'] / GiB:.2f} GiB.")
     return rows
 
 
@@ -202,6 +207,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="where vac.compress computes: cpu, or cuda on a GPU machine")
     p.add_argument("--scratch", default=None, help="where the random checkpoints go (they are large)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
     args = p.parse_args()

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_blocks, tiny_model, tiny_tokenizer
+from conftest import random_blocks, tiny_config, tiny_model, tiny_tokenizer
 
 from vac.config import make_config
 from vac.export import export
@@ -102,5 +102,34 @@ def test_streamed_export_writes_shards_that_reload_without_vac(tmp_path):
     assert len(shards) > 2 and all(name.endswith(f"-of-{len(shards):05d}.safetensors") for name in shards)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
+    torch.testing.assert_close(reload_without_vac(out, calib[:2], tmp_path), home.to_model()(input_ids=calib[:2]).logits,
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_export_stores_a_tied_head_once(tmp_path, tied):
+    """A model whose head is tied to its embedding is exported with the embedding alone (as
+    save_pretrained writes it): no second copy of the vocabulary matrix, and it reloads the same."""
+    from transformers import AutoModelForCausalLM
+
+    from vac.export import export_home
+    from vac.home import CheckpointHome
+    from vac.pipeline import compress_home
+
+    cfg = tiny_config("olmo3")
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "dense", safe_serialization=True)
+    home = CheckpointHome(tmp_path / "dense", work_dir=tmp_path / "work")
+    calib = random_blocks(4, 16)
+    result = compress_home(home, make_config(dict(method="whiten", ratio=1.5, batch_size=4, allocation="uniform")),
+                           calib, progress=False)
+    out = export_home(home, tiny_tokenizer(), tmp_path / "out", vac_meta={"ranks": result.ranks}, verify_ids=calib[:1])
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) == (not tied)
+    assert "model.embed_tokens.weight" in keys
     torch.testing.assert_close(reload_without_vac(out, calib[:2], tmp_path), home.to_model()(input_ids=calib[:2]).logits,
                                atol=1e-5, rtol=1e-4)

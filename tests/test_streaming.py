@@ -190,3 +190,19 @@ def test_non_finite_factors_stop_the_run_with_the_matrix_named(monkeypatch):
     with pytest.raises(NonFiniteError, match=r"factors: model\.layers\.0\.self_attn\.q_proj\.up has 1 non-finite"):
         compress_(deep_model(2), make_config(dict(method="whiten", ratio=1.5, allocation="uniform", order="one-shot")),
                   random_blocks(4, 16), progress=False)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_skeleton_counts_tied_embeddings_once(tmp_path, tied):
+    """The report's parameter count: a checkpoint home's skeleton holds the head and the embedding as
+    two tensors even when they are tied; they are one parameter of the model, as in memory."""
+    from vac.pipeline import param_count
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = tied
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    home = CheckpointHome(saved(tmp_path, model), work_dir=tmp_path / "work")
+    assert param_count(home.model) == param_count(model)
+    assert param_count(home.to_model()) == param_count(model)

@@ -248,9 +248,12 @@ def _sizes(home, cfg: CompressConfig) -> dict[str, int]:
     def shapes(model_params):
         return [(k, tuple(p.shape), p.dtype) for k, p in model_params]
 
-    dense = weight_bytes(shapes(home.model.named_parameters()), set(), methods=())["bf16"]
+    from vac.weights import tied_source_name
+
+    stored = [(k, p) for k, p in home.model.named_parameters() if tied_source_name(home.model, k) is None]
+    dense = weight_bytes(shapes(stored), set(), methods=())["bf16"]
     prefix = home.family.layers_path + "."
-    params = [(k, p) for k, p in home.model.named_parameters() if not k.startswith(prefix)]
+    params = [(k, p) for k, p in stored if not k.startswith(prefix)]
     factors = set()
     for l in range(home.num_layers):
         layer = home.layer_skeleton(l, factorized=True)

@@ -382,10 +382,11 @@ class CheckpointHome(ModelHome):
         return out
 
     def outer_state(self) -> dict[str, torch.Tensor]:
-        """The tensors outside the decoder layers (embedding, final norm, head unless tied)."""
+        """The tensors outside the decoder layers (embedding, final norm, head unless tied): a tied
+        parameter once, under the name its tie points to, as ``save_pretrained`` writes it."""
         layers = self.family.layers_path + "."
-        names = {name: tied_source_name(self.model, name)  # tied parameters once, as save_pretrained writes them
-                 for name, _ in self.model.named_parameters() if not name.startswith(layers)}
+        names = {name: None for name, _ in self.model.named_parameters()
+                 if not name.startswith(layers) and tied_source_name(self.model, name) is None}
         return {name: t.to(self.store_dtype) if t.is_floating_point() else t
                 for name, t in self.source.get_many(names).items()}
 

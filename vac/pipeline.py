@@ -64,8 +64,13 @@ class CompressionResult:
 
 
 def param_count(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters: tied embeddings counted once, also in a streamed model's skeleton, whose head
+    and embedding are separate (meta) tensors that the checkpoint stores once."""
+    from vac.weights import tied_source_name
+
+    unique = {id(p): p for name, p in model.named_parameters(remove_duplicate=False)
+              if tied_source_name(model, name) is None}
+    return sum(p.numel() for p in unique.values())
 
 
 def compress_(model: nn.Module, cfg: CompressConfig, calib: torch.Tensor, grad_blocks: torch.Tensor | None = None,
