@@ -221,6 +221,8 @@ ROWS = [
     ("model-family", "compress", lambda w, t: compress(w, t, "--model", w / "gpt2"), "not supported"),
     # --- data ------------------------------------------------------------------------------------------------
     ("data-binary", "compress", lambda w, t: compress(w, t, "--calib-data", w / "binary.txt"), "does not look like text"),
+    ("data-bundled-domain", "compress", lambda w, t: compress(w, t, "--calib-data", "bundled:nwes"),
+     "unknown bundled domain 'nwes'; the domains are news"),
     ("data-utf16", "compress", lambda w, t: compress(w, t, "--calib-data", w / "utf16.txt"), "expected UTF-8"),
     ("data-jsonl-not-utf8", "compress", lambda w, t: compress(w, t, "--calib-data", w / "latin1.jsonl"),
      "latin1.jsonl:2: not valid UTF-8"),

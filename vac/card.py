@@ -175,7 +175,13 @@ def _quality(report: dict) -> list[str]:
         kl = f"{v['kl']:.4f}" if "kl" in v else "–"
         top1 = f"{v['top1']:.2%}" if "top1" in v else "–"
         lines.append(f"| {name} | {v['ppl']:.3f} | {kl} | {top1} |")
-    return lines + [""]
+    lines.append("")
+    if ev.get("domains"):
+        from vac.report import domain_markdown
+
+        lines += [f"Per domain of `{ev.get('data')}` ({len(ev['domains'])} domains; the mean weighs each the same):",
+                  ""] + domain_markdown(ev)
+    return lines
 
 
 def _usage(repo_id: str | None) -> list[str]:

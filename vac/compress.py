@@ -26,17 +26,29 @@ log = logging.getLogger("vac")
 
 
 def load_data(cfg: CompressConfig, tokenizer):
-    """Calibration and evaluation blocks; the same source is split by document, never shared."""
-    from vac.data import token_blocks
+    """Calibration and evaluation blocks (see :func:`load_data_by_domain`)."""
+    calib, evaluation, _ = load_data_by_domain(cfg, tokenizer)
+    return calib, evaluation
+
+
+def load_data_by_domain(cfg: CompressConfig, tokenizer):
+    """Calibration blocks, evaluation blocks and the domain of each evaluation block (None unless the
+    evaluation source is a bundled mixture: then ``--eval-samples`` blocks of every domain). The same
+    source is split by document, never shared."""
+    from vac.data import bundled_domains, domain_blocks, token_blocks
 
     shared = cfg.calib_data == cfg.eval_data
     calib = token_blocks(cfg.calib_data, tokenizer, cfg.calib_samples, cfg.seq_len, split="calib",
                          shared=shared, seed=cfg.seed)
-    evaluation = None
+    evaluation = groups = None
     if cfg.evaluate:
-        evaluation = token_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
-                                  shared=shared, seed=cfg.seed)
-    return calib, evaluation
+        if len(bundled_domains(cfg.eval_data) or ()) > 1:
+            evaluation, groups = domain_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
+                                               seed=cfg.seed)
+        else:
+            evaluation = token_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
+                                      shared=shared, seed=cfg.seed)
+    return calib, evaluation, groups
 
 
 def resolve_dtypes(cfg: CompressConfig, checkpoint, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -124,7 +136,7 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
     tok = checkpoint.tokenizer
     family = home.family.model_type
     with stages("data"):
-        calib, eval_blocks = load_data(cfg, tok)
+        calib, eval_blocks, eval_groups = load_data_by_domain(cfg, tok)
     console.print(f"[bold]VAC[/bold] {checkpoint.base_model} ({family}, {home.num_layers} layers) -> ratio "
                   f"{cfg.ratio} with {cfg.method}; calibration {tuple(calib.shape)}, evaluation "
                   f"{None if eval_blocks is None else tuple(eval_blocks.shape)}; arithmetic {_name(dtype)}, "
@@ -145,7 +157,7 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
     if cfg.evaluate:
         with stages("evaluate"):
             evaluation = {"data": cfg.eval_data, "split": "eval", "seq_len": cfg.seq_len,
-                          **compare_home(home, eval_blocks, progress=progress)}
+                          **compare_home(home, eval_blocks, progress=progress, groups=eval_groups)}
             evaluation["tokens"] = evaluation["dense"]["tokens"]
     compressed_params = dense_params - result.dense_target_params + result.compressed_target_params
     model = None  # the whole compressed model, in memory: only recovery and quantization need it
@@ -162,8 +174,13 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
                                         progress=progress)
         if cfg.evaluate:
             with stages("evaluate"):
-                evaluation["quantized"] = compare_home(home, eval_blocks, models={"quantized": model},
-                                                       progress=progress)["quantized"]
+                quantized_eval = compare_home(home, eval_blocks, models={"quantized": model}, progress=progress,
+                                              groups=eval_groups)
+                evaluation["quantized"] = quantized_eval["quantized"]
+                for domain, row in quantized_eval.get("domains", {}).items():
+                    evaluation["domains"][domain]["quantized"] = row["quantized"]
+                if "mean" in quantized_eval:
+                    evaluation["mean"]["quantized"] = quantized_eval["mean"]["quantized"]
     timings = {**{f"compress/{k}": v for k, v in result.timings.items()},
                **{k: v for k, v in stages.seconds.items() if not k.startswith("compress/")}}
     report = build_report(cfg=cfg, loaded=checkpoint, family=family, result=result, dense_model_params=dense_params,

@@ -70,11 +70,14 @@ class CompressConfig:
     compress_all: bool = _f(False, "knapsack: every target must be factorized (no 'keep dense' option)")
     rank_grid: int = _f(8, "knapsack ranks are multiples of this (use the quantization group size)")
     # --- data -----------------------------------------------------------------------------------
-    calib_data: str = _f("bundled", "calibration text: 'bundled' (offline English prose), an HF dataset "
-                         "id, a .txt/.jsonl/.parquet file, or a folder of those")
-    eval_data: str = _f("bundled", "evaluation text (held-out documents when the same source as calibration)")
+    calib_data: str = _f("bundled", "calibration text: 'bundled' (VAC's offline corpus: news, encyclopaedia, "
+                         "literature, conversation, technical docs and code in equal shares; 'bundled:news' one "
+                         "domain, 'bundled:news+code' several, 'bundled:-code' all but one; python -m vac.corpus "
+                         "lists them), an HF dataset id, a .txt/.jsonl/.parquet file, or a folder of those")
+    eval_data: str = _f("bundled", "evaluation text (held-out documents when the same source as calibration; the "
+                        "bundled corpus is always split by document, and a bundled mixture is evaluated per domain)")
     calib_samples: int = _f(64, "number of calibration sequences")
-    eval_samples: int = _f(32, "number of evaluation sequences")
+    eval_samples: int = _f(32, "number of evaluation sequences (of every domain, for a bundled mixture)")
     fisher_samples: int = _f(8, "calibration sequences used for gradient statistics (fisher, kfac)")
     grad_rank: int | None = _f(None, "keep the top-k eigenpairs of each output-gradient covariance G and replace the "
                                "rest by their mean (trace kept): bounds the statistics store on very wide layers "

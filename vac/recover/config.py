@@ -44,7 +44,8 @@ class RecoverConfig:
     balance_factors: bool = _f(True, "before training, re-split every up @ down so that both factors carry the "
                                "same scale (same product); see balance_factors in vac/recover.py")
     # --- data ---------------------------------------------------------------------------------------------
-    pretrain_data: str = _f("bundled", "pre-training text: 'bundled' (offline), a .txt/.jsonl/.parquet file or "
+    pretrain_data: str = _f("bundled", "pre-training text: 'bundled' (offline, every domain in its share; its "
+                            "evaluation documents are never trained on), a .txt/.jsonl/.parquet file or "
                             "folder, or an HF dataset id streamed with datasets; for OLMo 3 use "
                             "allenai/dolma3_mix-6T-1025-7B")
     chat_data: str | None = _f(None, "conversations ('messages' records) mixed into distillation and replayed "

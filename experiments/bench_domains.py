@@ -1,0 +1,134 @@
+"""Calibration domain x evaluation domain on the bundled model: how far does quality carry?
+
+Every row compresses the bundled SmolLM2-135M at one ratio from a fresh copy of the dense model,
+calibrated on one selection of the bundled corpus (a single domain, the mixture, or the mixture
+without one domain), and is evaluated on the evaluation split of **every** domain (the same blocks
+for every row; calibration and evaluation never share a document). Cells are PPL / dense PPL on
+that domain; ``mean`` weighs the domains equally.
+
+    # the matrix: each domain and the mixture, one-shot whitening (SVD-LLM) and the default
+    python experiments/bench_domains.py --rows single mixture
+    # leave one domain out: calibrate on the mixture without d, evaluate on d (default method)
+    python experiments/bench_domains.py --rows lodo --methods default
+    # calibration size for the default on the mixture (16k, 64k, 256k tokens), with time per stage
+    python experiments/bench_domains.py --rows sizes --methods default
+
+``--results FILE`` appends the tables (with the command line) to FILE. The leave-one-out table
+sets each domain's out-of-domain cell beside its in-domain one (calibrated on that domain alone)
+when both were run in the same invocation (``--rows single lodo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+
+import torch
+
+from vac.config import make_config
+from vac.corpus import DOMAINS
+from vac.data import domain_blocks, token_blocks
+from vac.evaluate import compare
+from vac.models import load
+from vac.pipeline import compress_
+
+METHODS = {
+    "whiten": dict(method="whiten", order="one-shot", allocation="uniform"),  # SVD-LLM's whitening, one-shot
+    "default": {},                                                            # the pipeline's defaults
+}
+SIZES = (64, 256, 1024)  # calibration blocks of 256 tokens: 16k, 64k, 256k tokens
+
+
+def calibration_sources(rows: list[str]) -> list[tuple[str, str, int | None]]:
+    """(row kind, source, calibration blocks or None for the default) for the requested row sets."""
+    out = []
+    if "single" in rows:
+        out += [("single", f"bundled:{d}", None) for d in DOMAINS]
+    if "mixture" in rows:
+        out.append(("mixture", "bundled", None))
+    if "lodo" in rows:
+        out += [("lodo", f"bundled:-{d}", None) for d in DOMAINS]
+    if "sizes" in rows:
+        out += [("sizes", "bundled", n) for n in SIZES]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", choices=["single", "mixture", "lodo", "sizes"], default=["single", "mixture"])
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["whiten", "default"])
+    p.add_argument("--ratio", type=float, default=1.8)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=16, help="evaluation blocks per domain")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--results", default=None, help="append the tables to this markdown file")
+    p.add_argument("--json", default=None, help="also write every cell (method, source -> domain -> PPL / dense) here")
+    args = p.parse_args(argv)
+
+    loaded = load("smollm2-135m")
+    dense, tok = loaded.model, loaded.tokenizer
+    eval_blocks, groups = domain_blocks("bundled", tok, args.eval_samples, args.seq_len, split="eval")
+    domains = list(DOMAINS)
+    header = "| method | calibrated on | tokens | " + " | ".join(domains) + " | mean | compress s |"
+    rule = "|---|---|---|" + "---|" * (len(domains) + 2)
+    print(header + "\n" + rule, flush=True)
+    rows, cells = [], {}
+    for method in args.methods:
+        for kind, source, n_calib in calibration_sources(args.rows):
+            if kind == "sizes" and method != "default":
+                continue
+            n = n_calib or args.calib_samples
+            cfg = make_config({"ratio": args.ratio, "calib_samples": n, "seq_len": args.seq_len,
+                               "calib_data": source, **METHODS[method]})
+            calib = token_blocks(source, tok, n, args.seq_len, split="calib")
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            result = compress_(model, cfg, calib, progress=False)
+            seconds = time.perf_counter() - t0
+            metrics = compare({"c": model}, eval_blocks, reference=dense, groups=groups, progress=False)
+            ratios = {d: metrics["domains"][d]["c"]["ppl"] / metrics["domains"][d]["dense"]["ppl"] for d in domains}
+            cells[(method, source)] = ratios
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
+            label = source.replace("bundled:-", "all but ").replace("bundled:", "").replace("bundled", "mixture")
+            row = (f"| {method} | {label} | {n * args.seq_len:,} | " + " | ".join(f"{ratios[d]:.2f}x" for d in domains)
+                   + f" | **{metrics['mean']['c']['ppl_ratio']:.2f}x** | {seconds:.0f} ({stages}) |")
+            rows.append(row)
+            print(row, flush=True)
+            del model
+            if args.json:
+                import json
+
+                with open(args.json, "w") as fh:
+                    json.dump([{"method": m, "source": src, "ppl_ratio": c} for (m, src), c in cells.items()], fh,
+                              indent=1)
+    lines = [header, rule] + rows
+    dense_ppl = ", ".join(f"{d} {metrics['domains'][d]['dense']['ppl']:.2f}" for d in domains)
+    lines += ["", f"Dense PPL per domain: {dense_ppl} ({args.eval_samples} x {args.seq_len} evaluation tokens per "
+              f"domain); ratio {args.ratio}."]
+    if "lodo" in args.rows:
+        lines += ["", "| method | domain | calibrated on it | calibrated on the others | out / in | target <= 1.5 |",
+                  "|---|---|---|---|---|---|"]
+        for method in args.methods:
+            for d in domains:
+                inside = cells.get((method, f"bundled:{d}"), {}).get(d)
+                outside = cells.get((method, f"bundled:-{d}"), {}).get(d)
+                if outside is None:
+                    continue
+                ratio = f"{outside / inside:.2f}" if inside else "–"
+                ok = ("yes" if outside / inside <= 1.5 else "no") if inside else "–"
+                lines.append(f"| {method} | {d} | {f'{inside:.2f}x' if inside else '–'} | {outside:.2f}x | {ratio} "
+                             f"| {ok} |")
+    text = "\n".join(lines)
+    print("\n".join(lines[len(rows) + 2:]))
+    if args.results:
+        cmd = "python experiments/bench_domains.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        with open(args.results, "a") as fh:
+            fh.write(f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} CPU threads)\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
