@@ -77,29 +77,30 @@ def test_mixture_blocks_draw_each_domain_its_share(fake_corpus):
     assert rows.shape == (6, 16) and groups.count("news") == 3 and groups.count("code") == 3
 
 
-def test_recovery_stream_draws_domains_by_weight_and_resumes(fake_corpus):
-    from vac.mixing import BundledCursor, make_cursor
+def test_recovery_stream_draws_domains_by_rows_and_resumes(fake_corpus):
+    """Recovery's pre-training rows follow the domains' shares row by row (one mix part per domain),
+    never hold an evaluation document, and a resumed mix continues with the same rows."""
+    from vac.mixing import distillation_mix
 
     tok = tiny_tokenizer()
-    cursor = make_cursor("bundled", tok, holdout=False, seed=3)
-    assert isinstance(cursor, BundledCursor)
+    def mix():
+        return distillation_mix(tok, pretrain="bundled", chat=None, chat_fraction=0.0, seq_len=16, seed=3,
+                                eval_source=None)
+
+    m = mix()
+    assert sorted(p.name for p in m.parts) == sorted(f"pretrain:{d}" for d in NAMES)
+    rows = [m.part_of(r).name for r in range(600)]
+    assert all(70 <= rows.count(f"pretrain:{d}") <= 130 for d in NAMES)
     evals = set(bundled_documents("bundled", "eval"))
-    seen = []
-    for _ in range(300):
-        seen.append(cursor.current()["text"])
-        cursor.advance()
-    assert not set(seen) & evals  # evaluation documents are never trained on, even with holdout=False
-    per_domain = {d: sum(t in fake_corpus[d] for t in seen) for d in NAMES}
-    assert all(30 <= n <= 70 for n in per_domain.values()), per_domain
-    state = cursor.state()
-    twin = make_cursor("bundled", tok, holdout=False, seed=3)
+    for part in m.parts:  # each part's records are its domain's training documents
+        records = {r["text"] for r in part.packer.cursor.records}
+        assert records and not records & evals and records <= set(fake_corpus[part.name.split(":")[1]])
+    first, _ = m.next_batch(5)
+    state = m.state()
+    twin = mix()
     twin.load(state)
-    assert [twin.current()["text"] for _ in range(1)] == [cursor.current()["text"]]
-    for _ in range(20):
-        cursor.advance(), twin.advance()
-        assert twin.current() == cursor.current()
-    with pytest.raises(VacError, match="domains"):
-        make_cursor("bundled:-code", tok, holdout=False, seed=3).load(state)
+    torch.testing.assert_close(twin.next_batch(7)[0], m.next_batch(7)[0])
+    assert first.shape == (5, 16)
 
 
 def test_per_domain_evaluation_in_the_report_and_the_card(fake_corpus):

@@ -35,20 +35,27 @@ def load_data_by_domain(cfg: CompressConfig, tokenizer):
     """Calibration blocks, evaluation blocks and the domain of each evaluation block (None unless the
     evaluation source is a bundled mixture: then ``--eval-samples`` blocks of every domain). The same
     source is split by document, never shared."""
-    from vac.data import bundled_domains, domain_blocks, token_blocks
+    from vac.data import evaluation_blocks, token_blocks
 
     shared = cfg.calib_data == cfg.eval_data
     calib = token_blocks(cfg.calib_data, tokenizer, cfg.calib_samples, cfg.seq_len, split="calib",
                          shared=shared, seed=cfg.seed)
     evaluation = groups = None
     if cfg.evaluate:
-        if len(bundled_domains(cfg.eval_data) or ()) > 1:
-            evaluation, groups = domain_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
-                                               seed=cfg.seed)
-        else:
-            evaluation = token_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len, split="eval",
-                                      shared=shared, seed=cfg.seed)
+        evaluation, groups = evaluation_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len,
+                                               shared=shared, seed=cfg.seed)
     return calib, evaluation, groups
+
+
+def merge_model_evaluation(evaluation: dict, result: dict, name: str, as_name: str) -> None:
+    """Put model ``name`` of an evaluation ``result`` into ``evaluation`` as ``as_name``: overall, per
+    domain and in the mean over domains (when both have them)."""
+    evaluation[as_name] = result[name]
+    for domain, row in (result.get("domains") or {}).items():
+        if domain in (evaluation.get("domains") or {}):
+            evaluation["domains"][domain][as_name] = row[name]
+    if "mean" in result and "mean" in evaluation:
+        evaluation["mean"][as_name] = result["mean"][name]
 
 
 def resolve_dtypes(cfg: CompressConfig, checkpoint, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -161,7 +168,8 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
             evaluation["tokens"] = evaluation["dense"]["tokens"]
     compressed_params = dense_params - result.dense_target_params + result.compressed_target_params
     model = None  # the whole compressed model, in memory: only recovery and quantization need it
-    recovery = _recover(cfg, home, tok, eval_blocks, evaluation, stages, progress) if _recovering(cfg) else None
+    recovery = _recover(cfg, home, tok, (eval_blocks, eval_groups), evaluation, stages, progress) \
+        if _recovering(cfg) else None
     if recovery is not None:
         model = recovery.pop("model")
     quantized = None
@@ -176,11 +184,7 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
             with stages("evaluate"):
                 quantized_eval = compare_home(home, eval_blocks, models={"quantized": model}, progress=progress,
                                               groups=eval_groups)
-                evaluation["quantized"] = quantized_eval["quantized"]
-                for domain, row in quantized_eval.get("domains", {}).items():
-                    evaluation["domains"][domain]["quantized"] = row["quantized"]
-                if "mean" in quantized_eval:
-                    evaluation["mean"]["quantized"] = quantized_eval["mean"]["quantized"]
+                merge_model_evaluation(evaluation, quantized_eval, "quantized", "quantized")
     timings = {**{f"compress/{k}": v for k, v in result.timings.items()},
                **{k: v for k, v in stages.seconds.items() if not k.startswith("compress/")}}
     report = build_report(cfg=cfg, loaded=checkpoint, family=family, result=result, dense_model_params=dense_params,
@@ -231,7 +235,7 @@ def _recovering(cfg: CompressConfig) -> bool:
     return cfg.recover_steps > 0 or cfg.recover_minutes > 0
 
 
-def _recover(cfg: CompressConfig, home, tok, eval_blocks, evaluation: dict, stages, progress: bool) -> dict:
+def _recover(cfg: CompressConfig, home, tok, eval_set, evaluation: dict, stages, progress: bool) -> dict:
     """Distil the compressed model from the dense one; both are loaded whole (training needs them)."""
     from vac.recover import recover_
     from vac.recover.config import from_compress_config
@@ -246,14 +250,14 @@ def _recover(cfg: CompressConfig, home, tok, eval_blocks, evaluation: dict, stag
     with stages("recover"):
         model = home.to_model(home.device)
         teacher = home.to_model(home.device, dense=True)
-        recovery = recover_(model, teacher, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
-                            progress=progress, resume=resume)
+        recovery = recover_(model, teacher, tok, rcfg, eval_blocks=eval_set[0], eval_groups=eval_set[1],
+                            run_dir=run_dir, progress=progress, resume=resume)
         del teacher
     if recovery.get("interrupted"):
         raise VacError(f"recovery was interrupted ({recovery.get('signal')}); nothing was exported. Run the "
                        "same command again to resume from the checkpoint in " + str(run_dir))
     if cfg.evaluate:
-        evaluation["recovered"] = recovery["after"]["student"]
+        merge_model_evaluation(evaluation, recovery["after"], "student", "recovered")
     recovery["model"] = model
     return recovery
 

@@ -96,8 +96,10 @@ def interleave(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]
     so every prefix holds each part in proportion; returns the rows and the part of each."""
     keyed = sorted((((j + 0.5) / len(t), i, j), name) for i, (name, t) in enumerate(parts.items())
                    for j in range(len(t)))
-    rows = torch.stack([parts[name][j] for (_, _, j), name in keyed]) if keyed else torch.empty(0)
-    return rows, [name for _, name in keyed]
+    if not keyed:
+        width = next((t.shape[1:] for t in parts.values()), (0,))
+        return torch.empty((0, *width), dtype=torch.long), []
+    return torch.stack([parts[name][j] for (_, _, j), name in keyed]), [name for _, name in keyed]
 
 
 # --- documents from a source -----------------------------------------------------------------
@@ -347,6 +349,15 @@ def token_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, split: 
                        "(--calib-samples/--eval-samples), a shorter --seq-len, or more text")
     t = torch.tensor(ids[:need], dtype=torch.long).view(n_blocks + skip_blocks, seq_len)
     return t[skip_blocks:]
+
+
+def evaluation_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, shared: bool,
+                      seed: int = 0) -> tuple[torch.Tensor, list[str] | None]:
+    """Evaluation blocks and the domain of each: for a bundled mixture ``n_blocks`` of every domain
+    (an evaluation per domain), otherwise ``n_blocks`` of the source's evaluation split and None."""
+    if len(bundled_domains(source) or ()) > 1:
+        return domain_blocks(source, tokenizer, n_blocks, seq_len, split="eval", seed=seed)
+    return token_blocks(source, tokenizer, n_blocks, seq_len, split="eval", shared=shared, seed=seed), None
 
 
 def domain_blocks(source: str, tokenizer, n_blocks: int, seq_len: int, *, split: str = "all", seed: int = 0,

@@ -116,7 +116,10 @@ def plan(cfg, shapes: Shapes, device_type: str) -> dict:
     outer = shapes.outer_params() * cb
     seq, batch = cfg.seq_len, cfg.batch_size
     t_calib, t_grad = cfg.calib_samples * seq, cfg.fisher_samples * seq
-    t_eval = cfg.eval_samples * seq if cfg.evaluate else 0
+    from vac.data import bundled_domains
+
+    domains = len(bundled_domains(cfg.eval_data) or [None])  # a bundled mixture is evaluated per domain
+    t_eval = cfg.eval_samples * seq * domains if cfg.evaluate else 0
     boundary = t_calib * h * cb
     activations = batch * seq * (6 * h + 3 * shapes.intermediate) * cb  # one layer's forward, one batch
     head_seq = seq * V * 4 * 4  # one sequence's fp32 logits, log-softmax, probabilities, gradient

@@ -42,6 +42,11 @@ def _nll(logp: torch.Tensor, target: torch.Tensor) -> float:
     return -logp.gather(-1, target[..., None]).sum().item()
 
 
+def _check_groups(groups: list[str] | None, blocks: torch.Tensor) -> None:
+    if groups is not None and len(groups) != len(blocks):
+        raise ValueError(f"{len(groups)} group labels for {len(blocks)} evaluation blocks: one label per block")
+
+
 def _grouped(meters: dict, groups: dict, group: str | None) -> list[dict]:
     """The meters a batch adds to: the overall ones and, with a group, that group's."""
     if group is None:
@@ -101,6 +106,7 @@ def compare_home(home, blocks: torch.Tensor, batch_size: int = 4, progress: bool
     """
     from tqdm.auto import tqdm
 
+    _check_groups(groups, blocks)
     dense, inputs = home.capture(blocks, batch_size)
     current = None if models else dense
     for l in tqdm(range(home.num_layers), desc="evaluate", disable=not progress, unit="layer"):
@@ -131,6 +137,7 @@ def compare(models: dict[str, nn.Module], blocks: torch.Tensor, reference: nn.Mo
             progress: bool = True, groups: list[str] | None = None) -> dict[str, dict]:
     """Metrics of the reference ("dense": ppl) and of each model (ppl, kl, top1) in one pass;
     ``groups`` (the domain of each block) adds ``"domains"`` and ``"mean"`` as in :func:`compare_home`."""
+    _check_groups(groups, blocks)
     meters, by_group = {"dense": _Meter(), **{name: _Meter() for name in models}}, {}
     if groups:
         batch_size = 1  # a batch's metrics belong to one group

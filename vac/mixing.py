@@ -126,52 +126,6 @@ class LocalCursor:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-class BundledCursor:
-    """Training documents of the bundled corpus, domain by domain in the shares it states.
-
-    Each record comes from one domain, chosen by a seeded hash of the record's number in proportion
-    to the domains' weights (no RNG state to save); each domain walks its own training documents
-    (its evaluation documents, every fourth, are never trained on, whatever the evaluation source)
-    in a fresh seeded order every epoch of that domain.
-    """
-
-    def __init__(self, source: str, tokenizer, *, seed: int):
-        from vac.corpus import DOMAINS
-
-        self.domains = bundled_domains(source)
-        self.cursors = {d: LocalCursor(f"bundled:{d}", tokenizer, holdout=True, seed=seed + i,
-                                       records=[{"text": t} for t in bundled_documents(f"bundled:{d}", "calib")])
-                        for i, d in enumerate(self.domains)}
-        total = sum(DOMAINS[d].weight for d in self.domains)
-        edges, acc = [], 0.0
-        for d in self.domains:
-            acc += DOMAINS[d].weight / total
-            edges.append(acc)
-        self.edges, self.seed, self.count = edges, seed, 0
-
-    def _domain(self) -> str:
-        u = random.Random(f"vac-bundled:{self.seed}:{self.count}").random()
-        return next((d for d, e in zip(self.domains, self.edges) if u < e), self.domains[-1])
-
-    def current(self) -> dict:
-        return self.cursors[self._domain()].current()
-
-    def advance(self) -> None:
-        self.cursors[self._domain()].advance()
-        self.count += 1
-
-    def state(self) -> dict:
-        return {"count": self.count, "domains": {d: c.state() for d, c in self.cursors.items()}}
-
-    def load(self, state: dict) -> None:
-        if set(state.get("domains", {})) != set(self.cursors):
-            raise VacError(f"saved data position names the domains {sorted(state.get('domains', {}))}, this source "
-                           f"has {sorted(self.cursors)}; the data changed since the checkpoint was written")
-        for d, c in self.cursors.items():
-            c.load(state["domains"][d])
-        self.count = state["count"]
-
-
 class StreamCursor:
     """Training records of a streamed dataset, in stream order; it restarts at the end (next epoch).
 
@@ -236,7 +190,8 @@ class StreamCursor:
 def make_cursor(source: str, tokenizer, *, holdout: bool, seed: int):
     domains = bundled_domains(source)
     if domains is not None and len(domains) > 1:
-        return BundledCursor(source, tokenizer, seed=seed)
+        raise VacError(f"{source!r} is a mixture of domains: give each domain its own mix part "
+                       "(see pretrain_parts)")
     if domains is not None:  # one domain: its training documents, whatever the evaluation source
         return LocalCursor(source, tokenizer, holdout=True, seed=seed,
                            records=[{"text": t} for t in bundled_documents(source, "calib")])
@@ -408,14 +363,33 @@ class Mix:
             p.packer.load(state["parts"][p.name])
 
 
+def pretrain_parts(source: str, tokenizer, render, seq_len: int, seed: int, fraction: float,
+                   eval_source: str | None) -> list[MixPart]:
+    """The pre-training part(s) of a mix: one for a source, or for a bundled mixture one per domain
+    with its share of ``fraction``, so that rows (not documents, whose lengths differ 25x) follow
+    the shares; each domain's evaluation documents are never trained on."""
+    domains = bundled_domains(source)
+    if domains is None or len(domains) == 1:
+        cursor = make_cursor(source, tokenizer, holdout=source == eval_source, seed=seed)
+        return [MixPart("pretrain", Packer(cursor, render, seq_len, source), fraction)]
+    from vac.corpus import DOMAINS
+
+    total = sum(DOMAINS[d].weight for d in domains)
+    parts = []
+    for i, d in enumerate(domains):
+        cursor = make_cursor(f"bundled:{d}", tokenizer, holdout=True, seed=seed + 101 * i)
+        parts.append(MixPart(f"pretrain:{d}", Packer(cursor, render, seq_len, f"bundled:{d}"),
+                             fraction * DOMAINS[d].weight / total))
+    return parts
+
+
 def distillation_mix(tokenizer, *, pretrain: str, chat: str | None, chat_fraction: float, seq_len: int,
                      seed: int, eval_source: str | None) -> Mix:
     """Pre-training text plus ``chat_fraction`` of rows from rendered conversations (loss everywhere)."""
     render = text_renderer(tokenizer)
     parts = []
     if chat_fraction < 1:
-        cursor = make_cursor(pretrain, tokenizer, holdout=pretrain == eval_source, seed=seed)
-        parts.append(MixPart("pretrain", Packer(cursor, render, seq_len, pretrain), 1.0 - chat_fraction))
+        parts += pretrain_parts(pretrain, tokenizer, render, seq_len, seed, 1.0 - chat_fraction, eval_source)
     if chat and chat_fraction > 0:
         cursor = make_cursor(chat, tokenizer, holdout=chat == eval_source, seed=seed + 1)
         parts.append(MixPart("chat", Packer(cursor, render, seq_len, chat), chat_fraction))
@@ -430,7 +404,7 @@ def replay_mix(tokenizer, *, chat: str, seq_len: int, seed: int, eval_source: st
     return Mix([MixPart("sft", Packer(cursor, assistant_renderer(tokenizer), seq_len, chat), 1.0)], seed)
 
 
-__all__ = ["DOLMA3", "DOLCI_THINK_SFT", "Mix", "MixPart", "Packer", "LocalCursor", "BundledCursor", "StreamCursor",
-           "make_cursor",
+__all__ = ["DOLMA3", "DOLCI_THINK_SFT", "Mix", "MixPart", "Packer", "LocalCursor", "StreamCursor",
+           "make_cursor", "pretrain_parts",
            "render_conversation", "text_renderer", "assistant_renderer", "distillation_mix", "replay_mix",
            "local_records", "open_stream"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import json
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from vac.config import effective, make_config
 from vac.errors import VacError
 
 SPEC_DEFAULTS = {"model": "smollm2-135m", "metric": "kl", "data": "bundled", "calibration_blocks": 16,
-                 "heldout_blocks": 4, "block_size": 256, "dtype": "float32", "device": "auto", "seed": 0,
+                 "heldout_blocks": 6, "block_size": 256, "dtype": "float32", "device": "auto", "seed": 0,
                  "stats_dir": None}
 
 
@@ -46,10 +47,12 @@ def _base(spec_json: str):
     else:
         raise VacError(f"search evaluation dtype {spec['dtype']!r}: use auto, {', '.join(DTYPES)}")
     n_cal, n_held = int(spec["calibration_blocks"]), int(spec["heldout_blocks"])
-    # calibration-split documents only; the held-out blocks follow the statistics blocks
-    blocks = token_blocks(spec["data"], checkpoint.tokenizer, n_cal + n_held, int(spec["block_size"]),
-                          split="calib", shared=True, seed=int(spec["seed"]))
-    return checkpoint, device, dtype, blocks[:n_cal], blocks[n_cal:]
+    # calibration-split documents only; the held-out blocks follow the statistics blocks (of each
+    # domain, for a bundled mixture: every domain gets its share of both)
+    kw = dict(split="calib", shared=True, seed=int(spec["seed"]))
+    calib = token_blocks(spec["data"], checkpoint.tokenizer, n_cal, int(spec["block_size"]), **kw)
+    heldout = token_blocks(spec["data"], checkpoint.tokenizer, n_held, int(spec["block_size"]), skip_blocks=n_cal, **kw)
+    return checkpoint, device, dtype, calib, heldout
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,6 +67,9 @@ def _stats_store(spec_json: str):
         atexit.register(shutil.rmtree, path, True)
     fingerprint = {k: spec[k] for k in ("model", "data", "calibration_blocks", "heldout_blocks", "block_size",
                                         "dtype", "seed")}
+    # the blocks themselves: a source's name (e.g. 'bundled') can stand for other text in another version
+    calib = _base(spec_json)[3]
+    fingerprint["calibration_sha256"] = hashlib.sha256(calib.numpy().tobytes()).hexdigest()
     return StatsStore(path, fingerprint=fingerprint)
 
 

@@ -81,7 +81,8 @@ def load_student(directory: str | Path, dtype: str = "float32"):
 
 def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     from vac import __version__
-    from vac.data import token_blocks
+    from vac.compress import merge_model_evaluation
+    from vac.data import evaluation_blocks
     from vac.export import export, write_json
     from vac.models import load
     from vac.public import public
@@ -98,13 +99,13 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
         tdtype = "bfloat16" if acc.device.type == "cuda" else "float32"
     teacher_loaded = load(args.teacher, tdtype, "cpu")
     check_compatible(student, teacher_loaded.model, tok, teacher_loaded.tokenizer)
-    eval_blocks = None
+    eval_blocks = eval_groups = None
     if rcfg.eval_samples:
         shared = rcfg.eval_data in (rcfg.pretrain_data, rcfg.chat_data)
-        eval_blocks = token_blocks(rcfg.eval_data, tok, rcfg.eval_samples, rcfg.seq_len, split="eval",
-                                   shared=shared, seed=rcfg.seed)
-    result = recover_(student, teacher_loaded.model, tok, rcfg, eval_blocks=eval_blocks, run_dir=run_dir,
-                      resume=args.resume, accelerator=acc)
+        eval_blocks, eval_groups = evaluation_blocks(rcfg.eval_data, tok, rcfg.eval_samples, rcfg.seq_len,
+                                                     shared=shared, seed=rcfg.seed)
+    result = recover_(student, teacher_loaded.model, tok, rcfg, eval_blocks=eval_blocks, eval_groups=eval_groups,
+                      run_dir=run_dir, resume=args.resume, accelerator=acc)
     if result["interrupted"]:
         print(f"stopped by signal; checkpoint in {run_dir}. Continue with the same command plus --resume",
               file=sys.stderr)
@@ -122,11 +123,16 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
                                                                     "base_model": teacher_loaded.base_model}
     report["recovery"] = {"student": str(student_dir), "teacher": args.teacher, **result}
     if result["after"]:
-        ev = report.setdefault("evaluation", {})
-        ev.setdefault("data", rcfg.eval_data)
-        ev.setdefault("dense", result["after"]["dense"])
-        ev.setdefault("compressed", result["before"]["student"] if result["before"] else None)
-        ev["recovered"] = result["after"]["student"]
+        ev = report.get("evaluation") or {}
+        same = (ev.get("data"), ev.get("tokens")) == (rcfg.eval_data, result["after"]["dense"]["tokens"])
+        if not same:  # the compression's figures are on other blocks: report this run's before and after
+            ev = {"data": rcfg.eval_data, "split": "eval", "seq_len": rcfg.seq_len,
+                  "tokens": result["after"]["dense"]["tokens"], "dense": result["after"]["dense"],
+                  **({k: result["after"][k] for k in ("domains", "mean") if k in result["after"]})}
+            if result["before"]:
+                merge_model_evaluation(ev, result["before"], "student", "compressed")
+        report["evaluation"] = ev
+        merge_model_evaluation(ev, result["after"], "student", "recovered")
     vac_meta = dict(student.config.vac)
     vac_meta["recovered"] = {"teacher": args.teacher, "steps": result["steps"], "tokens": result["tokens"]}
     report, vac_meta = public(report), public(vac_meta)  # no local paths in what gets published

@@ -63,13 +63,14 @@ def _stage_mix(stage: _Stage, rcfg: RecoverConfig, tokenizer):
                       eval_source=rcfg.eval_data)
 
 
-def _evaluate(acc, model, teacher, eval_blocks, batch_size: int, progress: bool) -> dict:
+def _evaluate(acc, model, teacher, eval_blocks, batch_size: int, progress: bool, groups=None) -> dict:
     from vac.evaluate import compare
 
     was_training = model.training
     model.eval()
     with acc.autocast():
-        res = compare({"student": model}, eval_blocks, reference=teacher, batch_size=batch_size, progress=progress)
+        res = compare({"student": model}, eval_blocks, reference=teacher, batch_size=batch_size, progress=progress,
+                      groups=groups)
     model.train(was_training)
     return res
 
@@ -87,14 +88,16 @@ def _probe(acc, model, tokenizer, probes) -> list[dict]:
 
 
 def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverConfig, *,
-             eval_blocks: torch.Tensor | None = None, run_dir: str | Path | None = None, progress: bool = True,
+             eval_blocks: torch.Tensor | None = None, eval_groups: list[str] | None = None,
+             run_dir: str | Path | None = None, progress: bool = True,
              resume: bool = False, accelerator=None,
              on_step: Callable[[str, int], None] | None = None) -> dict:
     """Distil ``teacher`` into ``student`` in place (then replay conversations if ``sft_steps``).
 
     ``eval_blocks`` (token ids, held out from training) are evaluated before, every
     ``eval_every`` steps and after; without them, ``eval_samples`` blocks of ``eval_data``'s
-    evaluation split are used. ``run_dir`` receives checkpoints, ``recover.json`` and
+    evaluation split are used (of every domain, for a bundled mixture). ``eval_groups`` (the domain
+    of each block) adds a per-domain evaluation before and after. ``run_dir`` receives checkpoints, ``recover.json`` and
     ``recover_curves.png``; with ``resume`` the run continues from its checkpoint there.
     ``on_step(stage, step)`` is called after every optimizer step (tests use it to interrupt).
 
@@ -114,11 +117,11 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     random.seed(rcfg.seed)
     torch.manual_seed(rcfg.seed)
     if eval_blocks is None and rcfg.eval_samples:
-        from vac.data import token_blocks
+        from vac.data import evaluation_blocks
 
         shared = rcfg.eval_data in (rcfg.pretrain_data, rcfg.chat_data)
-        eval_blocks = token_blocks(rcfg.eval_data, tokenizer, rcfg.eval_samples, rcfg.seq_len, split="eval",
-                                   shared=shared, seed=rcfg.seed)
+        eval_blocks, eval_groups = evaluation_blocks(rcfg.eval_data, tokenizer, rcfg.eval_samples, rcfg.seq_len,
+                                                     shared=shared, seed=rcfg.seed)
     probes = probes_from_config(rcfg.probes) or default_probes(tokenizer)
 
     # --- the run's state: fresh, or from the checkpoint ---
@@ -171,7 +174,9 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer, rcfg: RecoverCon
     def eval_row(stage_name: str, step: int, global_step: int, periodic: bool = False) -> dict:
         t0 = time.perf_counter()
         blocks = eval_blocks[: rcfg.periodic_eval_samples] if periodic and rcfg.periodic_eval_samples else eval_blocks
-        res = _evaluate(acc, model, teacher, blocks, rcfg.batch_size, progress and main)
+        # (an interleaved prefix of a per-domain evaluation is itself mixed; the full one is reported per domain)
+        groups = eval_groups if eval_groups is not None and len(blocks) == len(eval_blocks) else None
+        res = _evaluate(acc, model, teacher, blocks, rcfg.batch_size, progress and main, groups=groups)
         timings["evaluate"] = timings.get("evaluate", 0.0) + time.perf_counter() - t0
         row = {"stage": stage_name, "step": step, "global_step": global_step, "dense_ppl": res["dense"]["ppl"],
                "blocks": int(blocks.shape[0]), **{k: res["student"][k] for k in ("ppl", "kl", "top1")}}
