@@ -140,3 +140,27 @@ def test_domains_are_described_with_a_licence():
     for d in corpus.DOMAINS.values():
         assert d.licence and d.package and "==" in d.package and d.weight > 0
     assert [f.name for f in dataclasses.fields(corpus.Domain)][:2] == ["name", "title"]
+
+
+def test_recovery_on_the_mixture_is_evaluated_per_domain(fake_corpus):
+    """recover_ on a bundled mixture: pre-training rows from every domain, evaluation blocks of every
+    domain, and the before/after evaluations per domain, merged into a report as 'recovered'."""
+    from conftest import tiny_model
+
+    from vac.compress import merge_model_evaluation
+    from vac.recover import recover_
+    from vac.recover.config import make_recover_config
+
+    teacher, student = tiny_model(seed=0), tiny_model(seed=1)
+    rcfg = make_recover_config(dict(steps=3, lr=1e-3, seq_len=16, batch_size=2, warmup_steps=1, pretrain_data="bundled",
+                                    eval_data="bundled", eval_samples=2, eval_every=0, checkpoint_every=0,
+                                    run_probes=False, wandb_mode="disabled", device="cpu"))
+    res = recover_(student, teacher, tiny_tokenizer(), rcfg, progress=False)
+    assert set(res["before"]["domains"]) == set(NAMES) == set(res["after"]["domains"])
+    assert res["after"]["dense"]["tokens"] == 6 * 2 * 15
+    report = {"dense": res["before"]["dense"], "domains": {d: {"dense": v["dense"]} for d, v in
+                                                             res["before"]["domains"].items()}, "mean": {}}
+    merge_model_evaluation(report, res["after"], "student", "recovered")
+    assert report["recovered"] == res["after"]["student"]
+    assert all(report["domains"][d]["recovered"] == res["after"]["domains"][d]["student"] for d in NAMES)
+    assert report["mean"]["recovered"] == res["after"]["mean"]["student"]
