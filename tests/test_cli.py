@@ -72,7 +72,21 @@ def test_unknown_family(tmp_path, corpus, capsys):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
     (d / "model.safetensors").write_bytes(b"")
-    _fails(base_args(d, corpus), capsys, "not supported", "llama", "olmo3")
+    _fails(base_args(d, corpus), capsys, "not supported", "llama", "olmo3", "python -m vac.families")
+
+
+def test_families_command_lists_every_family_with_its_targets(capsys):
+    from vac.families import FAMILIES, main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name, family in FAMILIES.items():
+        assert f"\n{name}  (decoder layers at {family.layers_path})" in out
+    assert "down_proj" in out and "lm_head" in out
+    assert main(["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["model_type"] for r in rows} == set(FAMILIES)
+    assert all(sorted(sum(r["stages"], [])) == sorted(r["attention"] + r["mlp"]) for r in rows)
 
 
 def test_missing_weights(tiny_dir, corpus, capsys):

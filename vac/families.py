@@ -83,8 +83,9 @@ def get_family(model_or_config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise VacError(
-            f"model family {model_type!r} is not supported; supported families: {', '.join(supported())}. "
-            "Add an entry to vac/families.py:FAMILIES if its decoder layers use the same linear names.")
+            f"model family {model_type!r} is not supported; supported families: {', '.join(supported())} "
+            "(`python -m vac.families` lists their targets). Add an entry to vac/families.py:FAMILIES if its "
+            "decoder layers use the same linear names.")
     return FAMILIES[model_type]
 
 
@@ -133,3 +134,38 @@ def _weight_of(module: nn.Module) -> tuple[int, int]:
     if hasattr(module, "out_features") and hasattr(module, "in_features"):  # FactorizedLinear
         return module.out_features, module.in_features
     raise VacError(f"target {type(module).__name__} is not a linear layer")
+
+
+def describe() -> list[dict]:
+    """One row per family: its targets by component, the shared-input stages and what stays dense."""
+    short = lambda paths: [p.rsplit(".", 1)[-1] for p in paths]  # noqa: E731
+    return [{"model_type": f.model_type, "layers": f.layers_path, "attention": short(f.attention),
+             "mlp": short(f.mlp), "stages": [short(s) for s in f.stages], "dense": list(f.never)}
+            for f in (FAMILIES[name] for name in supported())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m vac.families",
+                                description="The model families VAC compresses (config.model_type), their "
+                                            "target linears, shared-input stages and what stays dense.")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    args = p.parse_args(argv)
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{len(rows)} supported families (config.model_type), one table in vac/families.py:")
+    for r in rows:
+        print(f"\n{r['model_type']}  (decoder layers at {r['layers']})\n"
+              f"  attention targets: {', '.join(r['attention'])}\n"
+              f"  MLP targets:       {', '.join(r['mlp'])}\n"
+              f"  stages:            {' -> '.join('+'.join(s) for s in r['stages'])}  (one input per stage)\n"
+              f"  never factorized:  {', '.join(r['dense'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
