@@ -12,6 +12,8 @@ that domain; ``mean`` weighs the domains equally.
     python experiments/bench_domains.py --rows lodo --methods default
     # calibration size for the default on the mixture (16k, 64k, 256k tokens), with time per stage
     python experiments/bench_domains.py --rows sizes --methods default
+    # a candidate default: overrides for every row, leave-one-out on two domains only
+    python experiments/bench_domains.py --rows mixture lodo --domains code encyclopedia --methods default --set damp=0.1
 
 ``--results FILE`` appends the tables (with the command line) to FILE. The leave-one-out table
 sets each domain's out-of-domain cell beside its in-domain one (calibrated on that domain alone)
@@ -27,6 +29,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 from vac.config import make_config
 from vac.corpus import DOMAINS
@@ -42,15 +45,16 @@ METHODS = {
 SIZES = (64, 256, 1024)  # calibration blocks of 256 tokens: 16k, 64k, 256k tokens
 
 
-def calibration_sources(rows: list[str]) -> list[tuple[str, str, int | None]]:
-    """(row kind, source, calibration blocks or None for the default) for the requested row sets."""
+def calibration_sources(rows: list[str], domains: list[str]) -> list[tuple[str, str, int | None]]:
+    """(row kind, source, calibration blocks or None for the default) for the requested row sets;
+    ``domains`` limits the single-domain and leave-one-out rows."""
     out = []
     if "single" in rows:
-        out += [("single", f"bundled:{d}", None) for d in DOMAINS]
+        out += [("single", f"bundled:{d}", None) for d in domains]
     if "mixture" in rows:
         out.append(("mixture", "bundled", None))
     if "lodo" in rows:
-        out += [("lodo", f"bundled:-{d}", None) for d in DOMAINS]
+        out += [("lodo", f"bundled:-{d}", None) for d in domains]
     if "sizes" in rows:
         out += [("sizes", "bundled", n) for n in SIZES]
     return out
@@ -60,6 +64,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", choices=["single", "mixture", "lodo", "sizes"], default=["single", "mixture"])
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["whiten", "default"])
+    p.add_argument("--domains", nargs="+", choices=list(DOMAINS), default=list(DOMAINS),
+                   help="limit the single-domain and leave-one-out rows to these domains")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every row (a candidate default), e.g. damp=0.1 fisher_samples=32")
     p.add_argument("--ratio", type=float, default=1.8)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=16, help="evaluation blocks per domain")
@@ -67,6 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="append the tables to this markdown file")
     p.add_argument("--json", default=None, help="also write every cell (method, source -> domain -> PPL / dense) here")
     args = p.parse_args(argv)
+    overrides = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        overrides[key.replace("-", "_")] = yaml.safe_load(value)
 
     loaded = load("smollm2-135m")
     dense, tok = loaded.model, loaded.tokenizer
@@ -77,12 +89,12 @@ def main(argv=None) -> int:
     print(header + "\n" + rule, flush=True)
     rows, cells = [], {}
     for method in args.methods:
-        for kind, source, n_calib in calibration_sources(args.rows):
+        for kind, source, n_calib in calibration_sources(args.rows, args.domains):
             if kind == "sizes" and method != "default":
                 continue
             n = n_calib or args.calib_samples
             cfg = make_config({"ratio": args.ratio, "calib_samples": n, "seq_len": args.seq_len,
-                               "calib_data": source, **METHODS[method]})
+                               "calib_data": source, **METHODS[method], **overrides})
             calib = token_blocks(source, tok, n, args.seq_len, split="calib")
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
@@ -93,6 +105,7 @@ def main(argv=None) -> int:
             cells[(method, source)] = ratios
             stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
             label = source.replace("bundled:-", "all but ").replace("bundled:", "").replace("bundled", "mixture")
+            label += "".join(f", {k}={v}" for k, v in overrides.items())
             row = (f"| {method} | {label} | {n * args.seq_len:,} | " + " | ".join(f"{ratios[d]:.2f}x" for d in domains)
                    + f" | **{metrics['mean']['c']['ppl_ratio']:.2f}x** | {seconds:.0f} ({stages}) |")
             rows.append(row)
