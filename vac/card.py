@@ -160,13 +160,27 @@ def _recovery_text(report: dict) -> str:
     return "none (the factors are used as fitted, without fine-tuning)"
 
 
+def _data_note(source) -> str:
+    """What a bundled source is, for readers of the card who do not have VAC."""
+    from vac.data import bundled_domains
+
+    try:
+        domains = bundled_domains(source)
+    except Exception:  # noqa: BLE001 -- a card is written whatever the source was
+        return ""
+    if not domains:
+        return ""
+    return (f", VAC's bundled corpus: {', '.join(domains)} (held-out documents of each; see VAC's README for the "
+            "sources and licences)")
+
+
 def _quality(report: dict) -> list[str]:
     ev = report.get("evaluation") or {}
     rows = [(k, ev[k]) for k in QUALITY_ROWS if isinstance(ev.get(k), dict) and "ppl" in ev[k]]
     if not rows:
         return []
     lines = ["## Quality", "",
-             f"Evaluated on `{ev.get('data')}` ({ev.get('split', 'eval')} split: {ev.get('tokens', '?'):,} "
+             f"Evaluated on `{ev.get('data')}`{_data_note(ev.get('data'))} ({ev.get('split', 'eval')} split: {ev.get('tokens', '?'):,} "
              f"predicted tokens in blocks of {ev.get('seq_len', '?')}). KL is the mean per-token "
              "KL(dense ‖ model); top-1 is the share of positions where the model's most likely next token "
              "is the dense model's.", "",
