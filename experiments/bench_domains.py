@@ -45,7 +45,7 @@ METHODS = {
 SIZES = (64, 256, 1024)  # calibration blocks of 256 tokens: 16k, 64k, 256k tokens
 
 
-def calibration_sources(rows: list[str], domains: list[str]) -> list[tuple[str, str, int | None]]:
+def calibration_sources(rows: list[str], domains: list[str], sizes=SIZES) -> list[tuple[str, str, int | None]]:
     """(row kind, source, calibration blocks or None for the default) for the requested row sets;
     ``domains`` limits the single-domain and leave-one-out rows."""
     out = []
@@ -56,7 +56,7 @@ def calibration_sources(rows: list[str], domains: list[str]) -> list[tuple[str, 
     if "lodo" in rows:
         out += [("lodo", f"bundled:-{d}", None) for d in domains]
     if "sizes" in rows:
-        out += [("sizes", "bundled", n) for n in SIZES]
+        out += [("sizes", "bundled", n) for n in sizes]
     return out
 
 
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                    help="limit the single-domain and leave-one-out rows to these domains")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every row (a candidate default), e.g. damp=0.1 fisher_samples=32")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                   help="calibration blocks for the 'sizes' rows (of --seq-len tokens)")
     p.add_argument("--ratio", type=float, default=1.8)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=16, help="evaluation blocks per domain")
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     print(header + "\n" + rule, flush=True)
     rows, cells = [], {}
     for method in args.methods:
-        for kind, source, n_calib in calibration_sources(args.rows, args.domains):
+        for kind, source, n_calib in calibration_sources(args.rows, args.domains, args.sizes):
             if kind == "sizes" and method != "default":
                 continue
             n = n_calib or args.calib_samples
