@@ -147,7 +147,7 @@ def test_recovery_on_the_mixture_is_evaluated_per_domain(fake_corpus):
     domain, and the before/after evaluations per domain, merged into a report as 'recovered'."""
     from conftest import tiny_model
 
-    from vac.compress import merge_model_evaluation
+    from vac.evaluate import merge_model_evaluation
     from vac.recover import recover_
     from vac.recover.config import make_recover_config
 

@@ -47,17 +47,6 @@ def load_data_by_domain(cfg: CompressConfig, tokenizer):
     return calib, evaluation, groups
 
 
-def merge_model_evaluation(evaluation: dict, result: dict, name: str, as_name: str) -> None:
-    """Put model ``name`` of an evaluation ``result`` into ``evaluation`` as ``as_name``: overall, per
-    domain and in the mean over domains (when both have them)."""
-    evaluation[as_name] = result[name]
-    for domain, row in (result.get("domains") or {}).items():
-        if domain in (evaluation.get("domains") or {}):
-            evaluation["domains"][domain][as_name] = row[name]
-    if "mean" in result and "mean" in evaluation:
-        evaluation["mean"][as_name] = result["mean"][name]
-
-
 def resolve_dtypes(cfg: CompressConfig, checkpoint, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(arithmetic dtype, export dtype) for ``--dtype`` / ``--export-dtype`` (see their help)."""
     from vac.models import DTYPES
@@ -126,7 +115,7 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
 
 def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stages, progress: bool, console) -> dict:
     from vac.card import base_license, model_card
-    from vac.evaluate import compare_home
+    from vac.evaluate import compare_home, merge_model_evaluation
     from vac.export import checkpoint_bytes, export, export_home
     from vac.hidden import HiddenStore
     from vac.home import CheckpointHome
@@ -237,6 +226,7 @@ def _recovering(cfg: CompressConfig) -> bool:
 
 def _recover(cfg: CompressConfig, home, tok, eval_set, evaluation: dict, stages, progress: bool) -> dict:
     """Distil the compressed model from the dense one; both are loaded whole (training needs them)."""
+    from vac.evaluate import merge_model_evaluation
     from vac.recover import recover_
     from vac.recover.config import from_compress_config
 

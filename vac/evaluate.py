@@ -79,6 +79,17 @@ def mean_over_domains(domains: dict) -> dict:
     return mean
 
 
+def merge_model_evaluation(evaluation: dict, result: dict, name: str, as_name: str) -> None:
+    """Put model ``name`` of an evaluation ``result`` into ``evaluation`` as ``as_name``: overall, per
+    domain and in the mean over domains (when both have them)."""
+    evaluation[as_name] = result[name]
+    for domain, row in (result.get("domains") or {}).items():
+        if domain in (evaluation.get("domains") or {}):
+            evaluation["domains"][domain][as_name] = row[name]
+    if "mean" in result and "mean" in evaluation:
+        evaluation["mean"][as_name] = result["mean"][name]
+
+
 def _accumulate(meters: dict, target: torch.Tensor, ref_logits: torch.Tensor, logits: dict) -> None:
     """Add one batch: the reference's NLL, and each model's NLL, KL to the reference and top-1 agreement."""
     ref_logp = Fn.log_softmax(ref_logits[:, :-1].float(), dim=-1).cpu()

@@ -60,27 +60,14 @@ def quality_rows(report: dict) -> list[tuple[str, dict]]:
 
 def domain_table(evaluation: dict) -> tuple[list[str], list[list[str]]] | None:
     """The per-domain evaluation as (header, rows), the mean over domains last; None without domains."""
+    from vac.evaluate import evaluation_table
+
     domains = evaluation.get("domains") or {}
     if not domains:
         return None
     models = [k for k in ("compressed", "recovered", "quantized") if k in next(iter(domains.values()))]
-    header = ["domain", "dense PPL"]
-    for name in models:
-        header += [f"{name} PPL", "x dense", "KL", "top-1"]
-    rows = []
-    for domain, d in domains.items():
-        row = [domain, f"{d['dense']['ppl']:.3f}"]
-        for name in models:
-            m = d[name]
-            row += [f"{m['ppl']:.3f}", f"{m['ppl'] / d['dense']['ppl']:.2f}x", f"{m['kl']:.4f}", f"{m['top1']:.2%}"]
-        rows.append(row)
-    mean = evaluation.get("mean") or {}
-    row = ["mean", ""]
-    for name in models:
-        m = mean.get(name, {})
-        row += ["", f"{m['ppl_ratio']:.2f}x" if m else "", _fmt(m, "kl", "{:.4f}"), _fmt(m, "top1", "{:.2%}")]
-    rows.append(row)
-    return header, rows
+    header, rows = evaluation_table(evaluation, models)
+    return header, rows[:-1]  # (the overall row is the summary's main table)
 
 
 def domain_markdown(evaluation: dict) -> list[str]:

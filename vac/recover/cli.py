@@ -81,7 +81,7 @@ def load_student(directory: str | Path, dtype: str = "float32"):
 
 def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     from vac import __version__
-    from vac.compress import merge_model_evaluation
+    from vac.evaluate import merge_model_evaluation
     from vac.data import evaluation_blocks
     from vac.export import export, write_json
     from vac.models import load
