@@ -1,4 +1,4 @@
-"""Methods x orders x ratios on the bundled model: PPL, KL, top-1 and seconds, side by side.
+"""Methods x orders x ratios on the bundled model (or --model): PPL, KL, top-1 and seconds, side by side.
 
 The model, calibration and evaluation blocks are loaded once; every run starts from a fresh copy
 of the dense model, so rows are comparable. Results are printed as a markdown table and
@@ -8,6 +8,9 @@ appended (with the command line) to --results.
     python experiments/bench_methods.py --grid core           # the loss-aware core at 1.8x
     python experiments/bench_methods.py --runs "kfac:front-to-back:1.8" "whiten:one-shot:1.8"
     python experiments/bench_methods.py --configs runs/search/smollm2-small/best/*.yaml   # found genomes
+    python experiments/bench_methods.py --model "$(python -m vac.zoo path gemma3-270m)" \
+        --runs "whiten:one-shot:1.5:allocation=uniform" "kfac:front-to-back:1.5" \
+               "whiten:one-shot:1.8:allocation=uniform" "kfac:front-to-back:1.8"   # Gemma 3 270M
 
 A ``--configs`` row is a compression config YAML (a search genome, a preset): its keys apply on
 top of the pipeline defaults, and the calibration/evaluation sizes of this command win.
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=sorted(GRIDS), action="append", default=[])
     p.add_argument("--runs", nargs="*", default=[], help="extra runs: method[(e=..,a=..)]:order:ratio[:key=value]")
     p.add_argument("--configs", nargs="*", default=[], help="extra runs: compression config YAMLs (search genomes)")
+    p.add_argument("--model", default="smollm2-135m", help="the dense model: smollm2-135m (bundled), a .gguf, a "
+                   "directory or a hub id; e.g. the Gemma 3 270M GGUF of `python -m vac.zoo path gemma3-270m`")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
     base = dict(calib_samples=args.calib_samples, eval_samples=args.eval_samples, seq_len=args.seq_len)
     base.update({k: getattr(args, k) for k in ("granularity", "allocation") if getattr(args, k) is not None})
     defaults = make_config(base)
-    loaded = load("smollm2-135m")
+    loaded = load(args.model)
     dense = loaded.model
     calib, eval_blocks = load_data(make_config(base), loaded.tokenizer)
     rows = []
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
         del model
-    footer = (f"\nDense PPL {dense_ppl:.2f} on {eval_blocks.numel()} held-out tokens "
+    footer = (f"\nModel {Path(args.model).name}. Dense PPL {dense_ppl:.2f} on {eval_blocks.numel()} held-out tokens "
               f"({args.eval_samples} x {args.seq_len}, bundled corpus evaluation split); calibration "
               f"{args.calib_samples} x {args.seq_len}; unless a row says otherwise: granularity "
               f"{defaults.granularity}, allocation {defaults.allocation}, objective {defaults.objective}.")

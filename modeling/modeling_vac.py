@@ -174,7 +174,28 @@ def vac_class(config) -> type:
             _factorize_modules(self, getattr(config, "vac", None) or {})
 
         _CLASSES[base] = type(f"Vac{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
+        _inherit_conversions(base, _CLASSES[base].__name__)
     return _CLASSES[base]
+
+
+def _inherit_conversions(base: type, name: str) -> None:
+    """transformers (5.x) renames checkpoint keys on load and save by the class's name or model_type
+    (e.g. Gemma 3's multimodal ``language_model.lm_head`` <-> ``lm_head``), but not for classes defined
+    outside transformers, as this one is: register the base class's renamings under this class's name."""
+    try:
+        from transformers import conversion_mapping as cm
+    except ImportError:  # transformers 4.x: no conversion mapping
+        return
+    get = getattr(cm, "get_checkpoint_conversion_mapping", None)
+    register = getattr(cm, "register_checkpoint_conversion_mapping", None)
+    if get is None or register is None:
+        return
+    mapping = get(base.__name__)
+    if mapping is None:
+        model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+        mapping = get(model_type) if model_type else None
+    if mapping is not None:
+        register(name, mapping, overwrite=True)
 
 
 class VacForCausalLM(PreTrainedModel):

@@ -20,11 +20,25 @@ TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_atte
 def tiny_config(family: str):
     import transformers
 
-    classes = {"llama": "LlamaConfig", "olmo3": "Olmo3Config", "olmo2": "Olmo2Config", "qwen2": "Qwen2Config",
-               "qwen3": "Qwen3Config", "mistral": "MistralConfig"}
+    classes = {"llama": "LlamaConfig", "olmo3": "Olmo3Config", "olmo2": "Olmo2Config", "olmo": "OlmoConfig",
+               "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+               "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config"}
     extra = {"head_dim": 16} if family in ("qwen3", "mistral") else {}
     if family == "olmo3":
         extra["layer_types"] = ["full_attention"] * TINY["num_hidden_layers"]
+    if family in ("gemma3_text", "gemma3"):
+        # a window shorter than the test sequences: sliding and full attention really differ
+        extra.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention"])
+    if family == "phi3":
+        extra.update(pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    if family == "gemma3":  # the multimodal wrapper: the same text decoder under model.language_model
+        text = transformers.Gemma3TextConfig(**TINY, **extra)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                         image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                                         eoi_token_index=VOCAB - 2, tie_word_embeddings=False)
     return getattr(transformers, classes[family])(**TINY, **extra)
 
 

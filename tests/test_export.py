@@ -49,7 +49,7 @@ def reload_without_vac(directory, ids, tmp_path) -> torch.Tensor:
     return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("family", ["olmo3", "olmo2", "llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", supported())
 def test_roundtrip_every_family(family, tmp_path):
     assert family in supported()
     model = tiny_model(family)

@@ -110,6 +110,12 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
         raise
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
+    if cfg.eval_tasks:
+        from vac.evalcli import evaluate_export
+
+        with stages("eval-tasks"):
+            record = evaluate_export([Path(cfg.out)], cfg.model, cfg.eval_tasks, cfg.eval_limit, cfg.device)
+        report["eval_tasks"] = record["tasks"]
     return report
 
 

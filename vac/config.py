@@ -25,6 +25,16 @@ QUANTIZATIONS = ("none", "int8", "w4")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
+def task_list_type(text: str) -> list[str]:
+    """--eval-tasks: 'vac-offline', 'olmo3-base,piqa' or a YAML list."""
+    text = text.strip()
+    if text.startswith("["):
+        from vac.validate import yaml_list_type
+
+        return [str(t) for t in yaml_list_type(text)]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def option(default, help: str, **kw):
     """A config field with its --help text (mutable defaults copied per instance)."""
     if isinstance(default, (list, dict)):
@@ -105,6 +115,12 @@ class CompressConfig:
     out: str | None = _f(None, "output directory for the compressed checkpoint (omit to only evaluate)")
     overwrite: bool = _f(False, "replace a previous VAC export in --out (a folder holding anything else is refused)")
     evaluate: bool = _f(True, "evaluate dense and compressed models on the evaluation split")
+    eval_tasks: list = _f([], "after the export, lm-evaluation-harness tasks or suites on the dense model and the "
+                          "checkpoint, comma-separated: vac-offline (VAC's offline proxy tasks), olmo3-base, "
+                          "olmo3-think, or harness task names; the table goes to OUT/eval.json and the card. Needs "
+                          "--out and pip install 'vac[eval]'", type=task_list_type)
+    eval_limit: float | None = _f(None, "with --eval-tasks: at most this many examples per task (a quick look)",
+                                  type=float)
     work_dir: str | None = _f(None, "where the statistics store, spilled hidden states and factorized layers go "
                               "(default: OUT.work beside --out, else a temporary directory); removed after a "
                               "successful run unless --keep-work. A rerun with the same model and data reuses "
@@ -142,6 +158,11 @@ class CompressConfig:
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size", "fisher_samples", "rank_grid"):
             if int(getattr(self, name)) < 1:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (isinstance(self.eval_tasks, list) and all(isinstance(t, str) and t for t in self.eval_tasks)):
+            raise VacError(f"--eval-tasks must be task or suite names (e.g. vac-offline or olmo3-base,piqa), got "
+                           f"{self.eval_tasks!r}")
+        if self.eval_limit is not None and not (isinstance(self.eval_limit, (int, float)) and self.eval_limit > 0):
+            raise VacError(f"--eval-limit must be > 0 (a count, or a fraction below 1), got {self.eval_limit!r}")
         if self.quantize == "w4" and self.group_size not in (32, 64, 128):
             raise VacError(f"--group-size must be 32, 64 or 128 for w4, got {self.group_size}")
         for name in ("dtype", "export_dtype"):
@@ -197,6 +218,8 @@ class CompressConfig:
             why["quantize_compensate"] = "there is nothing to compensate without --quantize"
         if not self.evaluate:
             why["eval_samples"] = "--no-evaluate skips evaluation"
+        if not self.eval_tasks:
+            why["eval_limit"] = "it limits --eval-tasks, which is not given"
         return why
 
 

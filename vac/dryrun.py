@@ -43,12 +43,13 @@ class Shapes:
     def of(cls, config) -> "Shapes":
         from vac.models import published_dtype
 
+        outer, config = config, (config.get_text_config() if hasattr(config, "get_text_config") else config)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.model_type, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+        return cls(outer.model_type, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                    config.vocab_size, heads * head_dim, kv * head_dim, bool(getattr(config, "tie_word_embeddings", False)),
-                   published_dtype(config))
+                   published_dtype(outer))
 
     def targets(self) -> list[tuple[str, int, int]]:
         """(kind, out, in) of one decoder layer's target linears (the Llama-shaped families)."""

@@ -216,115 +216,11 @@ def evaluation_table(result: dict, names: list[str]) -> tuple[list[str], list[li
     return header, rows
 
 
-def _card_section(result: dict, names: list[str], data: str, command: str) -> str:
-    header, rows = evaluation_table(result, names)
-    lines = [CARD_BEGIN, "## Evaluation (`vac.evaluate`)", "",
-             f"`{command}` on `{data}` (held-out documents, {result[names[0]]['tokens']:,} predicted tokens per "
-             "model; KL is KL(reference ‖ model) per token, top-1 the share of positions where the model's most "
-             "likely next token is the reference's):", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines + ["", CARD_END]) + "\n"
-
-
-def _with_section(card: str, section: str) -> str:
-    """The card with ``section`` in place of an earlier one, or appended."""
-    if CARD_BEGIN in card and CARD_END in card:
-        head, _, rest = card.partition(CARD_BEGIN)
-        return head + section + rest.partition(CARD_END)[2].lstrip("\n")
-    return card.rstrip("\n") + "\n\n" + section
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Evaluate VAC checkpoints (and the dense model they came from) per domain; eval.json + card."""
-    import argparse
-    import shlex
-    import sys
+    """python -m vac.evaluate (see :mod:`vac.evalcli`)."""
+    from vac.evalcli import main as cli
 
-    from vac.errors import VacError
-    from vac.public import public
-
-    p = argparse.ArgumentParser(prog="python -m vac.evaluate", description=(
-        "Evaluate one or more VAC checkpoints on held-out text, per domain for the bundled corpus: perplexity "
-        "and, with --reference (the dense model they came from), PPL / dense, KL and top-1 agreement. Writes "
-        "eval.json into the first checkpoint and a table into its model card."))
-    p.add_argument("checkpoints", nargs="+", help="VAC checkpoint folders (e.g. compressed, then recovered)")
-    p.add_argument("--reference", default=None, help="the dense model: a hub id, a local folder, a .gguf, or "
-                                                     "smollm2-135m (the bundled model)")
-    p.add_argument("--data", default="bundled", help="evaluation text, as --eval-data of vac.compress")
-    p.add_argument("--eval-samples", type=int, default=32, help="blocks (of every domain, for a bundled mixture)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-card", action="store_true", help="write eval.json only, leave the model card alone")
-    args = p.parse_args(argv)
-    try:
-        # the command as a reader of the card can use it: local paths become local:NAME
-        words = [public(a) for a in (argv if argv is not None else sys.argv[1:])]
-        return _run_cli(args, command="python -m vac.evaluate " + " ".join(shlex.quote(w) for w in words))
-    except VacError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_cli(args, command: str) -> int:
-    from pathlib import Path
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from vac.data import check_source, evaluation_blocks
-    from vac.errors import VacError
-    from vac.export import write_json, write_text
-    from vac.models import load
-    from vac.public import public
-    from vac.recover.cli import load_student
-    from vac.validate import check_student
-
-    if args.eval_samples < 1 or args.seq_len < 2 or args.batch_size < 1:
-        raise VacError("--eval-samples and --batch-size must be >= 1 and --seq-len >= 2")
-    dirs = [Path(d).expanduser() for d in args.checkpoints]
-    for d in dirs:
-        check_student(d, flag="checkpoint")
-    check_source(args.data, "--data")
-    names = list(dict.fromkeys(d.name or str(d) for d in dirs))
-    if len(names) != len(dirs):
-        raise VacError("two checkpoints have the same folder name; give folders with distinct names")
-    models, tokenizer = {}, None
-    for name, d in zip(names, dirs):
-        models[name], tok = load_student(d)
-        tokenizer = tokenizer or tok
-    blocks, groups = evaluation_blocks(args.data, tokenizer, args.eval_samples, args.seq_len, shared=False,
-                                       seed=args.seed)
-    if args.reference:
-        reference = load(args.reference)
-        if reference.model.config.vocab_size != next(iter(models.values())).config.vocab_size:
-            raise VacError(f"--reference {args.reference} has another vocabulary than the checkpoints; give the "
-                           "dense model they were compressed from")
-        result = compare(models, blocks, reference.model, batch_size=args.batch_size, groups=groups)
-    else:
-        result = {}
-        for name, model in models.items():
-            one = _by_domain(model, blocks, groups, args.batch_size, progress=True)
-            result[name] = one["model"]
-            for d, row in (one.get("domains") or {}).items():
-                result.setdefault("domains", {}).setdefault(d, {})[name] = row["model"]
-    header, rows = evaluation_table(result, names)
-    table = Table(title=f"vac.evaluate on {args.data}")
-    for c in header:
-        table.add_column(c, justify="left" if c == "domain" else "right", no_wrap=c == "domain")
-    for r in rows:
-        table.add_row(*r, style="bold" if r[0] in ("mean", "all tokens") else None)
-    Console().print(table)
-    record = public({"data": args.data, "seq_len": args.seq_len, "eval_samples": args.eval_samples,
-                     "reference": args.reference, "checkpoints": names, "perplexity": result}) | {"command": command}
-    write_json(dirs[0] / "eval.json", record)
-    card = dirs[0] / "README.md"
-    if not args.no_card:
-        text = card.read_text(encoding="utf-8") if card.is_file() else ""
-        write_text(card, _with_section(text, _card_section(result, names, public(args.data), command)))
-    print(f"wrote {dirs[0] / 'eval.json'}" + ("" if args.no_card else f" and the table in {card}"))
-    return 0
+    return cli(argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,16 @@ class Family:
     stages: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                            ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
                                            ("mlp.down_proj",))
+    #: fused projections: a target linear whose output rows hold several logical projections, e.g.
+    #: Phi-3's qkv_proj (rows of q, then k, then v) and gate_up_proj. A fused linear is factorized
+    #: whole, as one matrix (one shared ``down`` basis for its parts, which read the same input);
+    #: allocation and learning-rate groups see it as one target of its component
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: module-name prefix -> the prefix published checkpoints store it under, where they differ (Gemma 3's
+    #: multimodal checkpoints keep the layout of older transformers: language_model.model.layers...)
+    stored_as: tuple[tuple[str, str], ...] = ()
+    #: what else about the family a reader should know (shown by ``python -m vac.families``)
+    notes: str = ""
 
     def __post_init__(self):
         staged = [p for stage in self.stages for p in stage]
@@ -46,6 +56,9 @@ class Family:
         clash = [p for p in staged if p in self.never or p.rsplit(".", 1)[-1] in never]
         if clash:
             raise ValueError(f"{self.model_type}: targets {clash} are listed in never (never factorized)")
+        unknown = [p for p, _ in self.fused if p not in staged]
+        if unknown:
+            raise ValueError(f"{self.model_type}: fused projections {unknown} are not targets")
 
     def stage_of(self, sub: str) -> int:
         """Index of the stage (shared-input group) of a target's sub-module path."""
@@ -57,10 +70,27 @@ class Family:
 
 
 _LLAMA_LIKE = dict(layers_path="model.layers")
+_GEMMA3 = ("sandwich norms (before and after attention and MLP), embeddings scaled by sqrt(hidden), sliding-window "
+           "and full-attention layers with their own masks and rotary embeddings (captured per attention kind)")
 
 FAMILIES: dict[str, Family] = {
-    name: Family(model_type=name, **_LLAMA_LIKE)
-    for name in ("olmo3", "olmo2", "olmo", "llama", "qwen2", "qwen3", "mistral")
+    **{name: Family(model_type=name, **_LLAMA_LIKE)
+       for name in ("olmo3", "olmo2", "olmo", "llama", "qwen2", "qwen3", "mistral")},
+    "gemma3_text": Family(model_type="gemma3_text", notes=_GEMMA3),
+    # the text decoder under the multimodal wrapper (Gemma3ForConditionalGeneration); the vision tower and
+    # its projector are not decoder layers, so never targets
+    "gemma3": Family(model_type="gemma3", layers_path="model.language_model.layers",
+                     norm_path="model.language_model.norm",
+                     never=("model.language_model.embed_tokens", "lm_head", "norm", "q_norm", "k_norm"),
+                     stored_as=(("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                                ("model.vision_tower.", "vision_tower."),
+                                ("model.multi_modal_projector.", "multi_modal_projector.")),
+                     notes=_GEMMA3 + "; text decoder of the multimodal wrapper, vision tower left dense"),
+    "phi3": Family(model_type="phi3",
+                   attention=("self_attn.qkv_proj", "self_attn.o_proj"), mlp=("mlp.gate_up_proj", "mlp.down_proj"),
+                   stages=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+                   fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                          ("mlp.gate_up_proj", ("gate_proj", "up_proj")))),
 }
 
 
@@ -140,7 +170,8 @@ def describe() -> list[dict]:
     """One row per family: its targets by component, the shared-input stages and what stays dense."""
     short = lambda paths: [p.rsplit(".", 1)[-1] for p in paths]  # noqa: E731
     return [{"model_type": f.model_type, "layers": f.layers_path, "attention": short(f.attention),
-             "mlp": short(f.mlp), "stages": [short(s) for s in f.stages], "dense": list(f.never)}
+             "mlp": short(f.mlp), "stages": [short(s) for s in f.stages], "dense": list(f.never),
+             "fused": {p.rsplit(".", 1)[-1]: list(parts) for p, parts in f.fused}, "notes": f.notes}
             for f in (FAMILIES[name] for name in supported())]
 
 
@@ -164,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
               f"  MLP targets:       {', '.join(r['mlp'])}\n"
               f"  stages:            {' -> '.join('+'.join(s) for s in r['stages'])}  (one input per stage)\n"
               f"  never factorized:  {', '.join(r['dense'])}")
+        for name, parts in r["fused"].items():
+            print(f"  fused:             {name} = {' + '.join(parts)} (rows), factorized whole")
+        if r["notes"]:
+            print(f"  notes:             {r['notes']}")
     return 0
 
 

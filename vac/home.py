@@ -8,7 +8,7 @@ Every stage of VAC touches one decoder layer at a time, so a model is reached th
 * ``commit(l, sub, module)``: replace a target linear of layer l's current version;
 * ``finish(l)``: layer l is done: persist its current version, free what the home holds of it;
 * ``capture(ids)``: the inputs of layer 0 (hidden states and the per-layer keyword arguments:
-  rotary embeddings, masks) from a real forward pass stopped there;
+  rotary embeddings, masks, one set per attention kind) from a real forward pass stopped there;
 * ``logits(h)``: the head on the last boundary, ``head(norm(h))``.
 
 Two homes:
@@ -53,27 +53,67 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+#: attribute a home sets on each decoder layer (and so on every copy of it): the layer's attention
+#: kind, config.layer_types[l] (sliding-window or full attention), or None where all are alike
+KIND_ATTR = "vac_attention_kind"
+
+
+def attention_kinds(config, num_layers: int) -> list[str | None]:
+    """The attention kind of each decoder layer: ``config.layer_types`` where the family has it (Gemma 3,
+    OLMo 3, Qwen: sliding-window and full attention get other masks, and Gemma 3 other rotary
+    embeddings), else None for every layer."""
+    types = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "layer_types", None)
+    if not types or len(set(types)) < 2:
+        return [None] * num_layers
+    return list(types)[:num_layers]
+
+
 class LayerInputs:
-    """Per-batch positional and keyword arguments of a decoder layer, captured once.
+    """Per-batch positional and keyword arguments of a decoder layer, captured once per attention kind.
 
     Batches of the same shape get the same rotary embeddings and masks: identical captures are
     kept once, so what this holds does not grow with the number of batches.
     """
 
     def __init__(self):
-        self.args: list[tuple] = []
-        self.kwargs: list[dict] = []
+        self.args: dict[str | None, list[tuple]] = {}
+        self.kwargs: dict[str | None, list[dict]] = {}
 
-    def add(self, args: tuple, kwargs: dict) -> None:
-        for i in range(len(self.kwargs) - 1, -1, -1):
-            if _same(self.args[i], args) and _same(self.kwargs[i], kwargs):
-                args, kwargs = self.args[i], self.kwargs[i]
-                break
-        self.args.append(args)
-        self.kwargs.append(kwargs)
+    def add(self, args: tuple, kwargs: dict, kind: str | None = None) -> None:
+        for k in self.kwargs:
+            for i in range(len(self.kwargs[k]) - 1, -1, -1):
+                if _same(self.args[k][i], args) and _same(self.kwargs[k][i], kwargs):
+                    args, kwargs = self.args[k][i], self.kwargs[k][i]
+                    break
+        self.args.setdefault(kind, []).append(args)
+        self.kwargs.setdefault(kind, []).append(kwargs)
+
+    def of(self, layer: nn.Module, b: int) -> tuple[tuple, dict]:
+        """(args, kwargs) of batch ``b`` for ``layer``'s attention kind."""
+        kind = getattr(layer, KIND_ATTR, None)
+        if kind not in self.kwargs:
+            if len(self.kwargs) != 1:
+                raise VacError(f"no captured inputs for a decoder layer of attention kind {kind!r} (captured: "
+                               f"{sorted(map(str, self.kwargs))})")
+            kind = next(iter(self.kwargs))
+        return self.args[kind][b], self.kwargs[kind][b]
 
     def __len__(self) -> int:
-        return len(self.kwargs)
+        return len(next(iter(self.kwargs.values()), []))
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs, passes the hidden states on."""
+
+    def __init__(self, index: int, box: dict, stop: bool):
+        super().__init__()
+        self.index, self.box, self.stop = index, box, stop
+
+    def forward(self, *args, **kwargs):
+        self.box[self.index] = (args, kwargs)
+        if self.stop:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
 
 
 def _same(a, b) -> bool:
@@ -97,6 +137,9 @@ class ModelHome:
         self.device = torch.device(device)
         self.dtype = dtype
         self.num_layers = len(decoder_layers(model))
+        self.kinds = attention_kinds(self.config, self.num_layers)
+        for layer, kind in zip(decoder_layers(model), self.kinds):
+            setattr(layer, KIND_ATTR, kind)  # copies of the layer (dense, current, skeletons) carry it
         self.ranks: dict[str, int] = {}  # committed factorizations, by full target name
 
     def layer_prefix(self, l: int) -> str:
@@ -128,31 +171,40 @@ class ModelHome:
 
     @torch.no_grad()
     def capture(self, blocks: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], LayerInputs]:
-        """Inputs of decoder layer 0 for ``blocks`` (host tensors, one per batch) and the layer kwargs."""
+        """Inputs of decoder layer 0 for ``blocks`` (host tensors, one per batch) and the layer kwargs
+        of every attention kind: a real forward pass in which the decoder layers up to the first one
+        of the last kind met are stand-ins that record what they are given (no layer is computed)."""
         self._outer_ready()
-        layer0 = decoder_layers(self.model)[0]
+        layers = decoder_layers(self.model)
+        first = {}  # attention kind -> its first layer
+        for l, kind in enumerate(self.kinds):
+            first.setdefault(kind, l)
+        last = max(first.values())
+        originals = [layers[l] for l in range(last + 1)]
         hidden, inputs = [], LayerInputs()
         for ids in blocks.split(batch_size):
-            box = {}
-
-            def pre_hook(module, args, kwargs):
-                box["h"], box["args"], box["kwargs"] = args[0], args[1:], dict(kwargs)
-                raise _Stop
-
-            handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            box: dict[int, tuple] = {}
+            for l in range(last + 1):
+                layers[l] = _Recorder(l, box, stop=l == last)
             try:
                 self.model(input_ids=ids.to(self.device), use_cache=False)
             except _Stop:
                 pass
             finally:
-                handle.remove()
-            kwargs = box["kwargs"]
-            for key in ("past_key_value", "past_key_values", "cache"):
-                if key in kwargs:
-                    kwargs[key] = None
-            kwargs["use_cache"] = False
-            hidden.append(box["h"].to("cpu"))
-            inputs.add(box["args"], kwargs)
+                for l, module in enumerate(originals):
+                    layers[l] = module
+            for kind, l in first.items():
+                args, kwargs = box[l]
+                if not args:  # hidden states given by keyword
+                    kwargs = dict(kwargs)
+                    args = (kwargs.pop("hidden_states"),)
+                kwargs = dict(kwargs)
+                for key in ("past_key_value", "past_key_values", "cache"):
+                    if key in kwargs:
+                        kwargs[key] = None
+                kwargs["use_cache"] = False
+                inputs.add(tuple(args[1:]), kwargs, kind)
+            hidden.append(box[0][0][0].to("cpu") if box[0][0] else box[0][1]["hidden_states"].to("cpu"))
         return hidden, inputs
 
     def head_modules(self) -> tuple[nn.Module, nn.Module]:
@@ -165,7 +217,8 @@ class ModelHome:
 
     def run(self, layer: nn.Module, h: torch.Tensor, inputs: LayerInputs, b: int) -> torch.Tensor:
         """One batch through one decoder layer on the device; the output stays on the device."""
-        return as_tensor(layer(h.to(self.device), *inputs.args[b], **inputs.kwargs[b]))
+        args, kwargs = inputs.of(layer, b)
+        return as_tensor(layer(h.to(self.device), *args, **kwargs))
 
     @torch.no_grad()
     def run_all(self, layer: nn.Module, hidden: list[torch.Tensor], inputs: LayerInputs) -> list[torch.Tensor]:

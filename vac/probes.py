@@ -1,4 +1,4 @@
-"""Behaviour probes: a few prompts whose answers are checked, run before and after recovery.
+"""Behaviour probes: dozens of prompts whose answers are checked, run before and after recovery.
 
 Perplexity can recover while behaviour does not (the seed saw exactly that), so recovery also
 records whether the model still answers like the model it was. A probe is a prompt (rendered
@@ -45,17 +45,79 @@ ARITHMETIC = "What is 7 + 5? Answer with a number."
 TWELVE = r"(?<![0-9])12(?![0-9])"
 
 
+#: (name, prompt, regular expression) of the general probes: short questions of fact, arithmetic,
+#: language and code that the bundled dense model (SmolLM2-135M-Instruct) answers correctly, greedy,
+#: through its chat template. They were kept from 76 candidates by running that model on each
+#: (the 28 it fails would only measure noise); 48 prompts in all with ``arithmetic``.
+GENERAL = (
+    ('capital-france', 'What is the capital of France?', '(?i)\\bparis\\b'),
+    ('capital-japan', 'What is the capital of Japan?', '(?i)\\btokyo\\b'),
+    ('capital-germany', 'What is the capital of Germany?', '(?i)\\bberlin\\b'),
+    ('capital-uk', 'What is the capital of the United Kingdom?', '(?i)\\blondon\\b'),
+    ('capital-russia', 'What is the capital of Russia?', '(?i)\\bmoscow\\b'),
+    ('capital-egypt', 'What is the capital of Egypt?', '(?i)\\bcairo\\b'),
+    ('capital-china', 'What is the capital of China?', '(?i)\\bbeijing\\b'),
+    ('capital-canada', 'What is the capital of Canada?', '(?i)\\bottawa\\b'),
+    ('color-sky', 'What color is the sky on a clear day?', '(?i)\\bblue\\b'),
+    ('color-snow', 'What color is snow?', '(?i)\\bwhite\\b'),
+    ('color-blood', 'What color is blood?', '(?i)\\bred\\b'),
+    ('animal-meow', 'Which animal says meow?', '(?i)\\bcats?\\b'),
+    ('animal-largest', 'What is the largest animal on Earth?', '(?i)\\bwhales?\\b'),
+    ('baby-cat', 'What is a baby cat called?', '(?i)\\bkittens?\\b'),
+    ('plants-gas', 'Which gas do plants absorb from the air?', '(?i)carbon dioxide|\\bco2\\b|\\bco₂\\b'),
+    ('nearest-star', 'What is the star at the center of our solar system?', '(?i)\\bsun\\b'),
+    ('h2o', 'What is H2O commonly called?', '(?i)\\bwater\\b'),
+    ('boiling', 'At what temperature in degrees Celsius does water boil?', '(?<![0-9])100(?![0-9])'),
+    ('red-planet', 'Which planet is known as the Red Planet?', '(?i)\\bmars\\b'),
+    ('sum-2-2', 'What is 2 + 2? Answer with a number.', '(?<![0-9])4(?![0-9])'),
+    ('prod-3-3', 'What is 3 times 3? Answer with a number.', '(?<![0-9])9(?![0-9])'),
+    ('sum-1-1', 'What is 1 + 1? Answer with a number.', '(?<![0-9])2(?![0-9])'),
+    ('opposite-hot', 'What is the opposite of hot?', '(?i)\\bcold\\b'),
+    ('opposite-up', 'What is the opposite of up?', '(?i)\\bdown\\b'),
+    ('opposite-big', 'What is the opposite of big?', '(?i)\\b(small|little|tiny)\\b'),
+    ('opposite-day', 'What is the opposite of day?', '(?i)\\bnight\\b'),
+    ('plural-mouse', 'What is the plural of mouse?', '(?i)\\bmice\\b'),
+    ('spanish-hello', 'How do you say hello in Spanish?', '(?i)\\bhola\\b'),
+    ('week-days', 'How many days are there in a week?', '(?i)\\b(7|seven)\\b'),
+    ('year-months', 'How many months are there in a year?', '(?i)\\b(12|twelve)\\b'),
+    ('day-hours', 'How many hours are there in a day?', '(?i)\\b(24|twenty-four)\\b'),
+    ('first-month', 'What is the first month of the year?', '(?i)\\bjanuary\\b'),
+    ('triangle', 'How many sides does a triangle have?', '(?i)\\b(3|three)\\b'),
+    ('square', 'How many sides does a square have?', '(?i)\\b(4|four)\\b'),
+    ('romeo', 'Who wrote Romeo and Juliet?', '(?i)\\bshakespeare\\b'),
+    ('mona-lisa', 'Who painted the Mona Lisa?', '(?i)\\bleonardo\\b|\\bda vinci\\b'),
+    ('largest-ocean', 'What is the largest ocean on Earth?', '(?i)\\bpacific\\b'),
+    ('tallest-mountain', 'What is the tallest mountain in the world?', '(?i)\\beverest\\b'),
+    ('yen', 'What is the currency of Japan?', '(?i)\\byen\\b'),
+    ('brazil-language', 'What language is spoken in Brazil?', '(?i)\\bportuguese\\b'),
+    ('python-def', 'In Python, which keyword defines a function?', '\\bdef\\b'),
+    ('html', 'What does HTML stand for?', '(?i)hyper\\s?text markup language'),
+    ('fingers', 'How many fingers are on one hand?', '(?i)\\b(5|five)\\b'),
+    ('moon', 'What natural satellite orbits the Earth?', '(?i)\\bmoon\\b'),
+    ('pyramids', 'In which country are the pyramids of Giza?', '(?i)\\begypt\\b'),
+    ('einstein', 'Which scientist developed the theory of relativity?', '(?i)\\beinstein\\b'),
+    ('hello-world', 'Write a Python statement that prints hello.', 'print\\s*\\('),
+)
+
+
+def general_probes(think: bool = False, max_new_tokens: int = 48) -> list[Probe]:
+    """``arithmetic`` and the general set."""
+    first = [Probe("think-arithmetic" if think else "arithmetic", ARITHMETIC, regex=TWELVE, think=think,
+                   max_new_tokens=max_new_tokens)]
+    return first + [Probe(n, p, regex=r, think=think, max_new_tokens=max_new_tokens) for n, p, r in GENERAL]
+
+
 def is_think_model(tokenizer) -> bool:
     template = getattr(tokenizer, "chat_template", None) or ""
     return THINK_OPEN in template or THINK_OPEN in tokenizer.get_vocab()
 
 
 def default_probes(tokenizer) -> list[Probe]:
-    """Chat model: answers a simple sum. Think model: reasons in <think>…</think>, then answers it."""
+    """Chat model: the 48 general probes (``arithmetic`` first). Think model: a dozen of them, each to be
+    reasoned about in <think>…</think> before the answer (with room to close the section)."""
     if is_think_model(tokenizer):
-        # reasoning models think for a while even about 7 + 5: leave room to close the section
-        return [Probe("think-arithmetic", ARITHMETIC, regex=TWELVE, think=True, max_new_tokens=512)]
-    return [Probe("arithmetic", ARITHMETIC, regex=TWELVE, max_new_tokens=32)]
+        return general_probes(think=True, max_new_tokens=512)[:12]
+    return general_probes()
 
 
 def probes_from_config(items: list) -> list[Probe]:

@@ -360,7 +360,8 @@ class ModelInfo:
 
     @property
     def num_layers(self) -> int | None:
-        n = (self.config or {}).get("num_hidden_layers")
+        config = self.config or {}
+        n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
         return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
@@ -554,6 +555,12 @@ def validate_compress(cfg) -> None:
             raise VacError(f"--recover-config {cfg.recover_config}: {e}" if cfg.recover_config else str(e)) from None
         check_sources([("--recover-config pretrain_data", rcfg.pretrain_data),
                        ("--recover-config chat_data", rcfg.chat_data)])
+    if cfg.eval_tasks:
+        if not cfg.out:
+            raise VacError("--eval-tasks evaluates the exported checkpoint: give --out")
+        from vac.harness import check_tasks
+
+        check_tasks(cfg.eval_tasks)  # the extra is installed and every name is known, before minutes of work
     if cfg.work_dir:
         check_writable_location(Path(cfg.work_dir).expanduser(), "--work-dir")
     if cfg.out:

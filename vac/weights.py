@@ -17,6 +17,13 @@ from torch import nn
 from vac.errors import VacError
 
 
+def _stored_as(config) -> tuple[tuple[str, str], ...]:
+    from vac.families import FAMILIES
+
+    family = FAMILIES.get(getattr(config, "model_type", None)) if config is not None else None
+    return family.stored_as if family is not None else ()
+
+
 class SafetensorsSource:
     """Tensors of a Hugging Face checkpoint directory, read a few at a time with ``safe_open``.
 
@@ -37,6 +44,7 @@ class SafetensorsSource:
             paths = sorted({self.directory / f for f in weight_map.values()})
         else:
             paths = sorted(self.directory.glob("*.safetensors"))
+        self._renames = _stored_as(config)
         self._files: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         for path in paths:
@@ -69,6 +77,9 @@ class SafetensorsSource:
             # base-model checkpoints (LlamaModel saved without the "model." prefix)
             if candidate.startswith("model.") and candidate[len("model."):] in self._files:
                 return candidate[len("model."):]
+            for new, old in self._renames:  # the family's published layout (vac.families: stored_as)
+                if candidate.startswith(new) and old + candidate[len(new):] in self._files:
+                    return old + candidate[len(new):]
         return None
 
     def has(self, name: str) -> bool:

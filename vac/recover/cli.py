@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the teacher (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--config", help="YAML file of recovery options (configs/recover-default.yaml); the command "
                    "line overrides it")
+    from vac.config import task_list_type
+
+    p.add_argument("--eval-tasks", type=task_list_type, default=None,
+                   help="after the export, lm-evaluation-harness tasks or suites (vac-offline, olmo3-base, olmo3-think, "
+                   "or harness task names, comma-separated) on the teacher, the student and the recovered checkpoint; "
+                   "the table goes to OUT/eval.json and the card. Needs pip install 'vac[eval]'")
+    p.add_argument("--eval-limit", type=float, default=None,
+                   help="with --eval-tasks: at most this many examples per task (a quick look)")
     for f in dataclasses.fields(RecoverConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -92,6 +100,14 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     out = Path(args.out).expanduser() if args.out else student_dir.with_name(student_dir.name + "-recovered")
     run_dir = Path(args.run_dir).expanduser() if args.run_dir else out.with_name(out.name + ".run")
     validate_recover(args, rcfg, out, run_dir)  # inputs, data, --out and --run-dir before loading anything
+    if args.eval_limit is not None and not args.eval_tasks:
+        raise VacError("--eval-limit limits --eval-tasks, which is not given; add --eval-tasks or drop --eval-limit")
+    if args.eval_limit is not None and not args.eval_limit > 0:
+        raise VacError(f"--eval-limit must be > 0 (a count, or a fraction below 1), got {args.eval_limit}")
+    if args.eval_tasks:
+        from vac.harness import check_tasks
+
+        check_tasks(args.eval_tasks)  # the extra is installed and the names are known, before training
     acc = make_accelerator(rcfg)
     student, tok = load_student(student_dir, args.dtype)
     tdtype = args.teacher_dtype
@@ -147,6 +163,11 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     export(student, tok, out, vac_meta=vac_meta, overwrite=args.overwrite, write_extras=extras, verify_ids=verify)
     print(recovery_markdown(result))
     print(f"wrote {out}")
+    if args.eval_tasks:
+        from vac.evalcli import evaluate_export
+
+        del student, teacher_loaded
+        evaluate_export([student_dir, out], args.teacher, args.eval_tasks, args.eval_limit, rcfg.device, into=out)
     return 0
 
 
@@ -169,12 +190,14 @@ def recovery_markdown(result: dict) -> str:
             lines.append(f"| {name} | {m['ppl']:.3f} | {m['kl']:.4f} | {m['top1']:.2%} |")
         lines.append("")
     if result.get("probes"):
-        lines += ["| probe | teacher | before | after |", "|---|---|---|---|"]
         pr = result["probes"]
-        for i, p in enumerate(pr.get("teacher", [])):
-            cells = [("pass" if pr[k][i]["passed"] else "fail") if k in pr else "–" for k in ("teacher", "before", "after")]
-            lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        kinds = [k for k in ("teacher", "before", "after") if k in pr]
+        lines += ["| behaviour probes passed | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|",
+                  "| greedy, chat template | " + " | ".join(f"{sum(r['passed'] for r in pr[k])} / {len(pr[k])}"
+                                                      for k in kinds) + " |", ""]
+        if "teacher" in pr and "after" in pr:
+            lost = [t["name"] for t, a in zip(pr["teacher"], pr["after"]) if t["passed"] and not a["passed"]]
+            lines += [f"Passed by the teacher, failed after recovery: {', '.join(lost) or 'none'}.", ""]
     return "\n".join(lines)
 
 

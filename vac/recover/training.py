@@ -61,8 +61,11 @@ def classify_parameters(model: nn.Module, *, train_norms: bool, train_embeddings
     through the model's accessors, so tied input/output embeddings are one parameter. Every
     other parameter of these families is a 1-D norm weight.
     """
-    from vac.families import find_targets
+    from vac.families import find_targets, get_family
 
+    # the decoder's own module (model. for Llama-like models, model.language_model. under a multimodal
+    # wrapper): what lies outside it (a vision tower, its projector) is not the language model, and stays frozen
+    text_root = get_family(model).layers_path.rsplit(".", 1)[0] + "."
     groups: dict[int, str | None] = {}
     for t in find_targets(model):
         for p in model.get_submodule(t.name).parameters():
@@ -74,6 +77,8 @@ def classify_parameters(model: nn.Module, *, train_norms: bool, train_embeddings
     for name, p in model.named_parameters():
         if id(p) in groups:
             out[name] = groups[id(p)]
+        elif not name.startswith(text_root):
+            out[name] = None
         elif p.ndim == 1:
             out[name] = "norms" if train_norms else None
         else:
