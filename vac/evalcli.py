@@ -123,7 +123,8 @@ def run(args, command: str, into: Path | None = None) -> int:
     record = _earlier_record(into)
     record.update(command=command, checkpoints=names, reference=public(args.reference))
 
-    reference = load(args.reference, device=device) if args.reference else None
+    dtype = "float32" if device == "cpu" else "bfloat16"  # bf16 arithmetic is slow on CPUs
+    reference = load(args.reference, dtype=dtype, device=device) if args.reference else None
     models, tokenizer = {}, None
     if not (args.no_perplexity and args.no_probes):
         for name, d in zip(names, dirs):
@@ -228,7 +229,9 @@ def _tasks(args, tasks: list[str], dirs: list[Path], names: list[str], reference
         del lm
     for name, d in zip(names, dirs):
         print(f"lm-evaluation-harness: {name}")
-        lm = harness_model(path=d, batch_size=args.batch_size, device=device)
+        # the checkpoint's own dtype on a GPU; float32 on a CPU, where bf16 arithmetic is slow
+        lm = harness_model(path=d, batch_size=args.batch_size, device=device,
+                           dtype="float32" if device == "cpu" else "auto")
         results[name] = run_tasks(lm, tasks, limit=_limit(args.limit), suite=suite, num_fewshot=args.num_fewshot,
                                   seed=args.seed)
         del lm
@@ -252,11 +255,13 @@ def _print(header: list[str], rows: list[list[str]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
+    # a log file or a pipe gets the whole table (rich would fit it to 80 columns and cut the cells)
+    console = Console() if sys.stdout.isatty() else Console(width=max(120, 16 * len(header)))
     for i, c in enumerate(header):
         table.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
         table.add_row(*r, style="bold" if r[0] in ("mean", "all tokens") else None)
-    Console().print(table)
+    console.print(table)
 
 
 # --- the card section ---------------------------------------------------------------------------

@@ -175,7 +175,8 @@ def load(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise VacError(f"GGUF file {path} does not exist")
-        model, tok = _load_gguf(path, torch_dtype)
+        # through the same dequantized cache as open_checkpoint: one conversion, then a plain directory
+        model, tok = _load_directory(_gguf_directory(path), torch_dtype)
         loaded = LoadedModel(model, tok, spec, path.name, "gguf")
     elif Path(spec).expanduser().is_dir():
         model, tok = _load_directory(Path(spec).expanduser(), torch_dtype)
@@ -291,6 +292,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=False)
+    # buffers outside the state dict (rotary inv_freq, Gemma's embedding scale) from the loaded model
+    buffers = dict(gguf_model.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name in buffers:
+            module, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(module) if module else model
+            owner.register_buffer(leaf, buffers[name], persistent=leaf not in owner._non_persistent_buffers_set)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
