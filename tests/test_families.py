@@ -97,3 +97,28 @@ def test_streamed_compress_export_reload(family, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     torch.testing.assert_close(reload_without_vac(out, ids, tmp_path), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_recover_runs_on_the_family(family, tmp_path):
+    """Distillation of an exported checkpoint of the family from its dense teacher, and the re-export."""
+    from conftest import write_corpus, write_tiny_checkpoint
+
+    from vac.compress import main as compress_main
+    from vac.recover.cli import main as recover_main
+
+    write_tiny_checkpoint(tmp_path / "dense", family)
+    write_corpus(tmp_path / "corpus.txt")
+    corpus = str(tmp_path / "corpus.txt")
+    assert compress_main(["--model", str(tmp_path / "dense"), "--calib-data", corpus, "--calib-samples", "8",
+                          "--seq-len", "32", "--batch-size", "4", "--fisher-samples", "2", "--no-evaluate",
+                          "--ratio", "1.5", "--out", str(tmp_path / "c")]) == 0
+    assert recover_main(["--student", str(tmp_path / "c"), "--teacher", str(tmp_path / "dense"), "--out",
+                         str(tmp_path / "r"), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+                         "--pretrain-data", corpus, "--eval-data", corpus, "--eval-samples", "2", "--no-run-probes",
+                         "--wandb-mode", "disabled", "--device", "cpu"]) == 0
+    import json
+
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["recovery"]["steps"] == {"kd": 2}
+    assert report["evaluation"]["recovered"]["ppl"] > 1
