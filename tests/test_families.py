@@ -122,3 +122,15 @@ def test_recover_runs_on_the_family(family, tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["recovery"]["steps"] == {"kd": 2}
     assert report["evaluation"]["recovered"]["ppl"] > 1
+
+
+def test_stand_ins_answer_for_the_layer():
+    """During capture a decoder layer is replaced by a recorder; a model loop that reads the layer's own
+    attributes (transformers 4.x: decoder_layer.attention_type) still finds them."""
+    from vac.home import _Recorder
+
+    layer = tiny_model("qwen2").model.layers[0]
+    layer.attention_type = "full_attention"
+    r = _Recorder(0, {}, stop=False, original=layer)
+    assert r.attention_type == "full_attention"
+    assert not list(r.children()) and not list(r.parameters())  # the original is not registered in it

@@ -72,6 +72,9 @@ def test_suites_expand_and_unknown_tasks_are_refused():
         harness.suite_settings(["olmo3-base", "olmo3-think"])
     with pytest.raises(Exception, match="no_such_task"):
         harness.check_tasks(["no_such_task"])
+    with pytest.raises(Exception, match="is an lm-evaluation-harness tag"):
+        harness.check_tasks(["ai2_arc"])  # runs arc_easy and arc_challenge, but gives no result of its own
+    assert harness.check_tasks(["olmo3-base"])[0] == "mmlu"  # a group is fine
 
 
 def test_tasks_against_the_reference(exported, offline_corpus, capsys):

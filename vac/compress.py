@@ -114,7 +114,8 @@ def run(cfg: CompressConfig, progress: bool = True, console=None) -> dict:
         from vac.evalcli import evaluate_export
 
         with stages("eval-tasks"):
-            record = evaluate_export([Path(cfg.out)], cfg.model, cfg.eval_tasks, cfg.eval_limit, cfg.device)
+            record = evaluate_export([Path(cfg.out).expanduser()], cfg.model, cfg.eval_tasks, cfg.eval_limit,
+                                     cfg.device)
         report["eval_tasks"] = record["tasks"]
     return report
 

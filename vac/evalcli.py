@@ -111,7 +111,8 @@ def evaluate_export(checkpoints: list[Path], reference: str, tasks: list[str], l
 
 
 def run(args, command: str, into: Path | None = None) -> int:
-    """Evaluate as ``args`` say; the record and the card section go to ``into`` (default: the first checkpoint)."""
+    """Evaluate as ``args`` say; the record and the card section go to ``into`` (default: the first checkpoint).
+    An earlier eval.json there is merged when it is about the same models (a part this run skips is kept)."""
     from vac.export import write_json, write_text
     from vac.models import load, resolve_device
     from vac.public import public
@@ -121,6 +122,8 @@ def run(args, command: str, into: Path | None = None) -> int:
     device = str(resolve_device(args.device))
     into = Path(into) if into is not None else dirs[0]
     record = _earlier_record(into)
+    if (record.get("checkpoints"), record.get("reference")) != (names, public(args.reference)):
+        record = {}  # another set of models: nothing of that evaluation belongs beside this one
     record.update(command=command, checkpoints=names, reference=public(args.reference))
 
     dtype = "float32" if device == "cpu" else "bfloat16"  # bf16 arithmetic is slow on CPUs
@@ -227,6 +230,7 @@ def _tasks(args, tasks: list[str], dirs: list[Path], names: list[str], reference
         results[REFERENCE] = run_tasks(lm, tasks, limit=_limit(args.limit), suite=suite, num_fewshot=args.num_fewshot,
                                        seed=args.seed)
         del lm
+        reference.model.to("cpu")  # not needed on the device while the checkpoints run
     for name, d in zip(names, dirs):
         print(f"lm-evaluation-harness: {name}")
         # the checkpoint's own dtype on a GPU; float32 on a CPU, where bf16 arithmetic is slow
@@ -277,7 +281,8 @@ def card_section(record: dict) -> str:
     ref = record.get("reference")
     if "perplexity" in record:
         result = record["perplexity"]
-        names = [n for n in record["checkpoints"] if n in result]
+        names = [n for n in record["checkpoints"] if n in result] or [n for n in result if n not in
+                                                                       ("dense", "domains", "mean")]
         lines += [f"**Held-out text** (`{record.get('perplexity_data', 'bundled')}`, held-out documents, "
                   f"{result[names[0]]['tokens']:,} predicted tokens per model"
                   + ("; KL is KL(dense ‖ model) per token, top-1 the share of positions where the model's most likely "

@@ -112,7 +112,13 @@ def check_tasks(specs: list[str] | str | None) -> list[str]:
     require_lm_eval()
     others = [t for t in tasks if t not in OFFLINE_TASKS]
     if others:
-        known = set(_task_manager(with_defaults=True, offline_root=None).all_tasks)
+        manager = _task_manager(with_defaults=True, offline_root=None)
+        tags = set(manager.all_tags)
+        tagged = [t for t in others if t in tags]
+        if tagged:  # a tag runs its tasks but has no result of its own: name the tasks (or a group)
+            raise VacError(f"{', '.join(map(repr, tagged))} is an lm-evaluation-harness tag, not a task or group: give "
+                           "its tasks by name (python -m lm_eval ls tags lists them)")
+        known = set(manager.all_subtasks) | set(manager.all_groups)
         unknown = [t for t in others if t not in known]
         if unknown:
             raise VacError(f"unknown task(s) {', '.join(map(repr, unknown))}: not a VAC suite ({', '.join(SUITES)}) "
@@ -301,7 +307,11 @@ def _primary(metrics: dict) -> tuple[str, float, float | None]:
     values = {k: v for k, v in metrics.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     if not values:
         raise VacError(f"the harness returned no metric ({sorted(metrics)})")
-    by_name = {k.split(",")[0]: k for k in values}
+    # one filter per metric, chosen on purpose: none, then strict-match (GSM8K's exact answer format), then any
+    rank = lambda k: {"none": 0, "strict-match": 1}.get(k.split(",", 1)[1], 2)  # noqa: E731
+    by_name: dict[str, str] = {}
+    for k in sorted(values, key=rank):
+        by_name.setdefault(k.split(",")[0], k)
     key = next((by_name[m] for m in PRIMARY_METRICS if m in by_name), next(iter(values)))
     name, filt = key.split(",", 1)
     stderr = metrics.get(f"{name}_stderr,{filt}")

@@ -103,11 +103,19 @@ class LayerInputs:
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder layer during capture: records its inputs, passes the hidden states on."""
+    """Stands in for a decoder layer during capture: records its inputs, passes the hidden states on.
+    Other attributes are the original layer's (older transformers read ``decoder_layer.attention_type``)."""
 
-    def __init__(self, index: int, box: dict, stop: bool):
+    def __init__(self, index: int, box: dict, stop: bool, original: nn.Module):
         super().__init__()
         self.index, self.box, self.stop = index, box, stop
+        object.__setattr__(self, "_original", original)  # not a submodule: nothing of it is registered
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
 
     def forward(self, *args, **kwargs):
         self.box[self.index] = (args, kwargs)
@@ -185,7 +193,7 @@ class ModelHome:
         for ids in blocks.split(batch_size):
             box: dict[int, tuple] = {}
             for l in range(last + 1):
-                layers[l] = _Recorder(l, box, stop=l == last)
+                layers[l] = _Recorder(l, box, stop=l == last, original=originals[l])
             try:
                 self.model(input_ids=ids.to(self.device), use_cache=False)
             except _Stop:

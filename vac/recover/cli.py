@@ -108,7 +108,13 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
         from vac.harness import check_tasks
 
         check_tasks(args.eval_tasks)  # the extra is installed and the names are known, before training
+        if student_dir.name == out.name or "dense" in (student_dir.name, out.name):
+            raise VacError(f"--eval-tasks puts the student ({student_dir.name!r}) and --out ({out.name!r}) in one table "
+                           "by folder name: give --out a name of its own (not 'dense')")
     acc = make_accelerator(rcfg)
+    if args.eval_tasks and acc.num_processes > 1:
+        raise VacError(f"--eval-tasks runs on one process, and this run has {acc.num_processes}: drop it and run "
+                       f"`python -m vac.evaluate {student_dir} {out} --reference {args.teacher} --tasks ...` afterwards")
     student, tok = load_student(student_dir, args.dtype)
     tdtype = args.teacher_dtype
     if tdtype == "auto":
@@ -167,6 +173,7 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
         from vac.evalcli import evaluate_export
 
         del student, teacher_loaded
+        acc.free_memory()  # the optimizer state and prepared models, before the harness loads its own
         evaluate_export([student_dir, out], args.teacher, args.eval_tasks, args.eval_limit, rcfg.device, into=out)
     return 0
 
