@@ -14,6 +14,9 @@ that domain; ``mean`` weighs the domains equally.
     python experiments/bench_domains.py --rows sizes --methods default
     # a candidate default: overrides for every row, leave-one-out on two domains only
     python experiments/bench_domains.py --rows mixture lodo --domains code encyclopedia --methods default --set damp=0.1
+    # no calibration blocks written by the model itself (--own-samples 0, vac/selfgen.py); the
+    # 'generated' row calibrates on the model's own text alone
+    python experiments/bench_domains.py --rows lodo generated --domains news code --methods default --set own_samples=0
 
 ``--results FILE`` appends the tables (with the command line) to FILE. The leave-one-out table
 sets each domain's out-of-domain cell beside its in-domain one (calibrated on that domain alone)
@@ -33,13 +36,16 @@ import yaml
 
 from vac.config import make_config
 from vac.corpus import DOMAINS
+from vac.compress import with_own_text
 from vac.data import domain_blocks, token_blocks
 from vac.evaluate import compare
 from vac.models import load
 from vac.pipeline import compress_
+from vac.selfgen import generated_blocks
 
 METHODS = {
-    "whiten": dict(method="whiten", order="one-shot", allocation="uniform"),  # SVD-LLM's whitening, one-shot
+    # SVD-LLM's whitening, one-shot, on the corpus alone (as published)
+    "whiten": dict(method="whiten", order="one-shot", allocation="uniform", own_samples=0),
     "default": {},                                                            # the pipeline's defaults
 }
 SIZES = (64, 256, 1024)  # calibration blocks of 256 tokens: 16k, 64k, 256k tokens
@@ -57,12 +63,14 @@ def calibration_sources(rows: list[str], domains: list[str], sizes=SIZES) -> lis
         out += [("lodo", f"bundled:-{d}", None) for d in domains]
     if "sizes" in rows:
         out += [("sizes", "bundled", n) for n in sizes]
+    if "generated" in rows:
+        out.append(("generated", "generated", None))
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", choices=["single", "mixture", "lodo", "sizes"], default=["single", "mixture"])
+    p.add_argument("--rows", nargs="+", choices=["single", "mixture", "lodo", "sizes", "generated"], default=["single", "mixture"])
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["whiten", "default"])
     p.add_argument("--domains", nargs="+", choices=list(DOMAINS), default=list(DOMAINS),
                    help="limit the single-domain and leave-one-out rows to these domains")
@@ -90,14 +98,26 @@ def main(argv=None) -> int:
     rule = "|---|---|---|" + "---|" * (len(domains) + 2)
     print(header + "\n" + rule, flush=True)
     rows, cells = [], {}
+    own_needed = max([args.calib_samples if "generated" in args.rows else 0]
+                     + [make_config({"calib_samples": n or args.calib_samples, **METHODS[m], **overrides}).own_samples
+                        for m in args.methods for _, _, n in calibration_sources(args.rows, args.domains, args.sizes)])
+    own = torch.empty((0, args.seq_len), dtype=torch.long)
+    if own_needed:  # the model's own text, sampled once; a row with k own blocks takes the first k
+        t0 = time.perf_counter()
+        own = generated_blocks(dense, tok, own_needed, args.seq_len, progress=True)
+        print(f"sampled {len(own)} x {args.seq_len} tokens from the model in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     for method in args.methods:
         for kind, source, n_calib in calibration_sources(args.rows, args.domains, args.sizes):
             if kind == "sizes" and method != "default":
                 continue
             n = n_calib or args.calib_samples
             cfg = make_config({"ratio": args.ratio, "calib_samples": n, "seq_len": args.seq_len,
-                               "calib_data": source, **METHODS[method], **overrides})
-            calib = token_blocks(source, tok, n, args.seq_len, split="calib")
+                               "calib_data": "bundled" if source == "generated" else source, **METHODS[method],
+                               **overrides, **({"own_samples": n} if source == "generated" else {})})
+            k = cfg.own_samples  # the CLI's mixture (vac.compress.load_data_by_domain and with_own_text)
+            corpus = token_blocks(source, tok, n - k, args.seq_len, split="calib") if n > k else own[:0]
+            calib = with_own_text(corpus, own[:k])
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             result = compress_(model, cfg, calib, progress=False)
@@ -108,6 +128,7 @@ def main(argv=None) -> int:
             stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
             label = source.replace("bundled:-", "all but ").replace("bundled:", "").replace("bundled", "mixture")
             label += "".join(f", {k}={v}" for k, v in overrides.items())
+            label += f" + {cfg.own_samples} own" if cfg.own_samples and source != "generated" else ""
             row = (f"| {method} | {label} | {n * args.seq_len:,} | " + " | ".join(f"{ratios[d]:.2f}x" for d in domains)
                    + f" | **{metrics['mean']['c']['ppl_ratio']:.2f}x** | {seconds:.0f} ({stages}) |")
             rows.append(row)

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     defaults = make_config(base)
     loaded = load(args.model)
     dense = loaded.model
-    calib, eval_blocks = load_data(make_config(base), loaded.tokenizer)
+    calib, eval_blocks = load_data(make_config(base), loaded.tokenizer, dense)
     rows = []
     header = ("| method | order | ratio | achieved | PPL | PPL / dense | KL | top-1 | compress s |\n"
               "|---|---|---|---|---|---|---|---|---|")

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     loaded = load(cfg.model, cfg.dtype, "cpu")
     model, tok = loaded.model, loaded.tokenizer
-    calib, eval_blocks = load_data(cfg, tok)
+    calib, eval_blocks = load_data(cfg, tok, model)
     dense = copy.deepcopy(model)
     result = factorize(model, cfg, calib, args.cache)
     print(f"{loaded.base_model}: {args.method} {args.order} at {result.linear_ratio:.3f}x over the target linears "

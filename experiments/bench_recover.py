@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     pipeline = make_config({"ratio": args.ratio, **({"eval_samples": 8} if args.quick else {})})
     loaded = load(pipeline.model)
     teacher, tok = loaded.model, loaded.tokenizer
-    calib, eval_blocks = load_data(pipeline, tok)  # the pipeline's own calibration / held-out blocks
+    calib, eval_blocks = load_data(pipeline, tok, teacher)  # the pipeline's own calibration / held-out blocks
     directory = student_checkpoint(args, teacher, tok, calib)
     student, _ = load_student(directory)
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     loaded = load("smollm2-135m")
     dense = loaded.model.float().eval()
     base = {**BASE, "calib_samples": args.calib_samples}
-    calib, held_out = load_data(make_config(base), loaded.tokenizer)
+    calib, held_out = load_data(make_config(base), loaded.tokenizer, dense)
     for spec in args.specs:
         cfg = make_config({**base, **parse_spec(spec)})
         model = copy.deepcopy(dense)

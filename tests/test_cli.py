@@ -267,3 +267,57 @@ def test_dry_run_of_the_olmo3_recipes_offline(recipe, capsys, monkeypatch):
 ])
 def test_options_that_would_do_nothing_are_rejected(tiny_dir, corpus, capsys, extra, needle):
     _fails(base_args(tiny_dir, corpus) + extra, capsys, "has no effect", needle)
+
+
+def test_own_samples_mix_the_models_text_into_the_calibration(tiny_dir, corpus, tmp_path, monkeypatch, capsys):
+    import vac.selfgen as sg
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = base_args(tiny_dir, corpus, out) + ["--ratio", "1.5", "--fisher-samples", "2", "--own-samples", "3",
+                                               "--work-dir", str(work), "--keep-work"]
+    calls = []
+    real = sg.generated_blocks
+    monkeypatch.setattr(sg, "generated_blocks", lambda *a, **k: (calls.append(a[2:4]), real(*a, **k))[1])
+    assert main(args) == 0
+    assert calls == [(3, 32)]
+    assert (work / "own-text.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["own_samples"] == 3
+    assert "8 sequences of 32 tokens from" in (card := (out / "README.md").read_text())
+    assert ", of which 3 sampled from the dense model itself" in card
+    # a rerun calibrates on the same text, without sampling again
+    assert main(args + ["--overwrite"]) == 0
+    assert calls == [(3, 32)]
+    capsys.readouterr()
+    assert main(base_args(tiny_dir, corpus) + ["--own-samples", "9"]) == 2
+    assert "--own-samples 9 is more than --calib-samples 8" in capsys.readouterr().err
+
+
+def test_with_own_text_interleaves():
+    import torch
+
+    from vac.compress import with_own_text
+
+    corpus, own = torch.arange(6)[:, None].repeat(1, 4), torch.full((2, 4), -1)
+    mixed = with_own_text(corpus, own)
+    assert mixed.shape == (8, 4)
+    assert sorted(mixed[:, 0].tolist()) == [-1, -1, 0, 1, 2, 3, 4, 5]
+    assert mixed[0, 0] != -1 and mixed[-1, 0] != -1  # spread, not appended
+
+
+def test_own_samples_from_a_model_that_does_not_fit_run_under_disk_offload(tiny_dir, corpus, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import vac.compress as vc
+
+    texts = []
+    for free in (None, 0):
+        if free is not None:
+            monkeypatch.setattr(vc, "free_bytes", lambda device: free)
+        work = tmp_path / f"work{free}"
+        args = base_args(tiny_dir, corpus) + ["--ratio", "1.5", "--fisher-samples", "2", "--own-samples", "2",
+                                              "--work-dir", str(work), "--keep-work"]
+        assert main(args) == 0
+        texts.append(load_file(str(work / "own-text.safetensors"))["ids"])
+        assert not (work / "own-text-offload").exists()  # the offloaded weights are removed after sampling
+    assert texts[0].equal(texts[1])

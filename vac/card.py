@@ -95,8 +95,9 @@ def model_card(report: dict, repo_id: str | None = None) -> str:
     elif m.get("name") == "fisher":
         lines.append(f"- Fisher exponent: {m.get('fisher_exponent')}")
     if cfg:
-        lines.append(f"- calibration: {cfg.get('calib_samples')} sequences of {cfg.get('seq_len')} tokens "
-                     f"from `{cfg.get('calib_data')}`")
+        own = cfg.get("own_samples") or 0
+        lines.append(f"- calibration: {cfg.get('calib_samples')} sequences of {cfg.get('seq_len')} tokens from "
+                     f"`{cfg.get('calib_data')}`" + (f", of which {own} sampled from the dense model itself" if own else ""))
     lines.append(f"- recovery: {_recovery_text(report)}")
     lines.append(f"- quantization: {_quant_text(q) if q else 'none (factors stored in floating point)'}")
     lines += ["", "## Size", "",

@@ -25,9 +25,17 @@ from vac.validate import one_line
 log = logging.getLogger("vac")
 
 
-def load_data(cfg: CompressConfig, tokenizer):
-    """Calibration and evaluation blocks (see :func:`load_data_by_domain`)."""
+def load_data(cfg: CompressConfig, tokenizer, model=None):
+    """Calibration and evaluation blocks (see :func:`load_data_by_domain`) for a dense ``model`` in
+    memory, which writes the ``--own-samples`` part of the calibration."""
     calib, evaluation, _ = load_data_by_domain(cfg, tokenizer)
+    if cfg.own_samples:
+        if model is None:
+            raise ValueError("--own-samples: the calibration's own text is sampled from the dense model; pass it")
+        from vac.selfgen import generated_blocks
+
+        calib = with_own_text(calib, generated_blocks(model, tokenizer, cfg.own_samples, cfg.seq_len, seed=cfg.seed,
+                                                      batch_size=max(cfg.batch_size, 16)))
     return calib, evaluation
 
 
@@ -38,13 +46,112 @@ def load_data_by_domain(cfg: CompressConfig, tokenizer):
     from vac.data import evaluation_blocks, token_blocks
 
     shared = cfg.calib_data == cfg.eval_data
-    calib = token_blocks(cfg.calib_data, tokenizer, cfg.calib_samples, cfg.seq_len, split="calib",
-                         shared=shared, seed=cfg.seed)
+    # --own-samples of the calibration blocks are the model's own text (see with_own_text)
+    calib = token_blocks(cfg.calib_data, tokenizer, cfg.calib_samples - cfg.own_samples, cfg.seq_len, split="calib",
+                         shared=shared, seed=cfg.seed) if cfg.calib_samples > cfg.own_samples else \
+        torch.empty((0, cfg.seq_len), dtype=torch.long)
     evaluation = groups = None
     if cfg.evaluate:
         evaluation, groups = evaluation_blocks(cfg.eval_data, tokenizer, cfg.eval_samples, cfg.seq_len,
                                                shared=shared, seed=cfg.seed)
     return calib, evaluation, groups
+
+
+def with_own_text(corpus: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The calibration blocks: the corpus's and the model's own, interleaved (so that the first
+    --fisher-samples blocks, which the gradient statistics read, hold both in proportion)."""
+    from vac.data import interleave
+
+    return interleave({"corpus": corpus, "own": own})[0]
+
+
+def own_text(cfg: CompressConfig, home, tokenizer, work: Path, progress: bool) -> torch.Tensor:
+    """``--own-samples`` blocks sampled from the dense model (see vac/selfgen.py), kept in the work
+    directory so that a rerun (or a resumed run) calibrates on the same text without sampling again.
+
+    Sampling needs the whole model. When it fits on the device it is loaded there; otherwise it is
+    written once to an offload folder and run under accelerate's disk offload (weights read from
+    disk module by module at every step: slow, but any size runs on any device)."""
+    from safetensors.torch import load_file, save_file
+
+    from vac.selfgen import generated_blocks
+
+    key = {"n": str(cfg.own_samples), "seq_len": str(cfg.seq_len), "seed": str(cfg.seed)}
+    path = work / "own-text.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            if fh.metadata() == key:
+                return load_file(str(path))["ids"]
+    offload = work / "own-text-offload"
+    need, free = whole_model_bytes(home), free_bytes(home.device)
+    if need <= free:
+        model = home.to_model(home.device, dense=True)
+    else:
+        log.info("sampling --own-samples from the dense model under disk offload: it needs ~%.1f GiB on %s and "
+                 "%.1f GiB are free", need / 2**30, home.device, free / 2**30)
+        model = offloaded_dense_model(home, offload)
+    try:
+        ids = generated_blocks(model, tokenizer, cfg.own_samples, cfg.seq_len, seed=cfg.seed,
+                               batch_size=max(cfg.batch_size, 16), progress=progress)
+    finally:
+        del model
+        shutil.rmtree(offload, ignore_errors=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"ids": ids.contiguous()}, str(tmp), metadata=key)
+    tmp.replace(path)
+    return ids
+
+
+def whole_model_bytes(home) -> int:
+    """The dense model's weights in the compute dtype, plus a fifth for activations and the sampling cache."""
+    from vac.pipeline import param_count
+
+    return param_count(home.model) * torch.finfo(home.dtype).bits // 8 * 6 // 5
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def offloaded_dense_model(home, folder: Path):
+    """The dense model with its weights in ``folder`` (accelerate's offload format, written one layer at
+    a time) and accelerate's disk-offload hooks bringing each module's weights to the device in turn."""
+    from accelerate import disk_offload
+    from accelerate.utils import offload_weight, save_offload_index
+
+    from vac.families import decoder_layers
+    from vac.weights import empty_model, tied_source_name
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    model = empty_model(home.config)
+    layers = decoder_layers(model)
+    for l in range(home.num_layers):
+        layers[l] = home.layer_skeleton(l, factorized=False)
+    if getattr(home.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    index: dict = {}
+    states = [home.outer_state()] + [home.layer_state(l, dense=True) for l in range(home.num_layers)]
+    for state in states:
+        for name, value in state.items():
+            value = value.to(home.dtype) if value.is_floating_point() else value
+            index = offload_weight(value, name, str(folder), index)
+    outer = states[0]
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        source = tied_source_name(model, name)
+        if name not in index and source in outer:  # a tied name: the hooks look weights up by module
+            index = offload_weight(outer[source].to(home.dtype), name, str(folder), index)
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in index]
+    if missing:
+        raise VacError(f"internal: no stored weight for {missing[:3]} while offloading the dense model")
+    save_offload_index(index, str(folder))
+    return disk_offload(model, str(folder), execution_device=home.device).eval()
 
 
 def resolve_dtypes(cfg: CompressConfig, checkpoint, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -140,6 +247,9 @@ def _run(cfg: CompressConfig, checkpoint, device: torch.device, work: Path, stag
     family = home.family.model_type
     with stages("data"):
         calib, eval_blocks, eval_groups = load_data_by_domain(cfg, tok)
+    if cfg.own_samples:
+        with stages("generate"):
+            calib = with_own_text(calib, own_text(cfg, home, tok, work, progress))
     console.print(f"[bold]VAC[/bold] {checkpoint.base_model} ({family}, {home.num_layers} layers) -> ratio "
                   f"{cfg.ratio} with {cfg.method}; calibration {tuple(calib.shape)}, evaluation "
                   f"{None if eval_blocks is None else tuple(eval_blocks.shape)}; arithmetic {_name(dtype)}, "

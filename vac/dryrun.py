@@ -147,7 +147,14 @@ def plan(cfg, shapes: Shapes, device_type: str) -> dict:
     stats_disk = sum(m * (min(t_grad, m) if cfg.grad_rank is None else min(t_grad, m, cfg.grad_rank)) * solve
                      for _, m, _ in targets) * L if _needs_g(cfg) else 0
     factors_disk = compressed
-    stages = {
+    stages = {}
+    if cfg.own_samples:  # --own-samples: the whole dense model and its sampling cache (keys and values)
+        gen_batch = max(batch, 16)
+        kv = 2 * L * gen_batch * seq * h * cb
+        stages["generate"] = dict(device=outer + L * layer + kv + gen_batch * V * 4, host=host_base, disk=0,
+                                  passes=f"{seq - 1} sampling steps x {-(-cfg.own_samples // gen_batch)} batch(es) of "
+                                         "the whole dense model")
+    stages |= {
         "gradient_stats": dict(device=profile_dev, host=host_base + min(profile_hidden, cap),
                                disk=stats_disk + max(0, profile_hidden - cap),
                                passes=f"{L} layer forwards + {L} layer backwards over {t_grad:,} tokens"),

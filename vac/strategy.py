@@ -84,6 +84,7 @@ def evaluate_strategy(model_spec: dict, config: dict) -> dict:
     key = json.dumps(spec, sort_keys=True)
     checkpoint, device, dtype, calib, heldout = _base(key)
     cfg = make_config(effective({**{k: v for k, v in config.items() if k != "model"}, "calib_samples": len(calib),
+                                 "own_samples": 0,  # a search calibrates on its spec's blocks alone
                                  "seq_len": calib.shape[1], "evaluate": False, "out": None}))
     home = CheckpointHome(checkpoint.directory, device=device, dtype=dtype, config=checkpoint.config)
     try:
