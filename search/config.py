@@ -87,6 +87,9 @@ class SearchConfig:
                           *((f"reference {k!r}", v) for k, v in refs.items())]:
             if bad := sorted(set(ref) - valid_keys):
                 raise VacError(f"search config {name} has keys {bad} that vac.compress does not know")
+            if ref.get("own_samples"):
+                raise VacError(f"search config {name} sets own_samples: a search calibrates on its evaluation data "
+                               "blocks alone (the statistics are shared by every genome); remove it")
         for key, bounds in (("workers", NON_NEGATIVE), ("gpus_per_actor", NON_NEGATIVE), ("cpus_per_actor", POSITIVE)):
             if data.get(key) is not None:
                 check_number(f"search config {key}", data[key], bounds, integer=key == "workers")

@@ -264,6 +264,8 @@ def test_dry_run_of_the_olmo3_recipes_offline(recipe, capsys, monkeypatch):
     (["--allocation", "uniform", "--multipliers", "{attention: 1.2}"], "knapsack only"),
     (["--group-size", "64"], "--quantize w4 only"),
     (["--order", "one-shot", "--objective", "compressed-input"], "no closed loop"),
+    (["--method", "svd", "--allocation", "uniform", "--own-samples", "2"], "reads no calibration text"),
+    (["--own-samples", "8"], "every calibration sequence is the model's own"),  # with an explicit --calib-data
 ])
 def test_options_that_would_do_nothing_are_rejected(tiny_dir, corpus, capsys, extra, needle):
     _fails(base_args(tiny_dir, corpus) + extra, capsys, "has no effect", needle)
@@ -288,9 +290,23 @@ def test_own_samples_mix_the_models_text_into_the_calibration(tiny_dir, corpus, 
     # a rerun calibrates on the same text, without sampling again
     assert main(args + ["--overwrite"]) == 0
     assert calls == [(3, 32)]
+    # another model in the same work directory samples its own
+    other = tmp_path / "other"
+    write_tiny_checkpoint(other, seed=1)
+    assert main(args[:1] + [str(other)] + args[2:] + ["--overwrite"]) == 0
+    assert calls == [(3, 32), (3, 32)]
     capsys.readouterr()
     assert main(base_args(tiny_dir, corpus) + ["--own-samples", "9"]) == 2
     assert "--own-samples 9 is more than --calib-samples 8" in capsys.readouterr().err
+
+
+def test_own_samples_default_to_a_quarter_and_to_none_where_no_calibration_is_read():
+    from vac.config import make_config
+
+    assert make_config({"calib_samples": 64}).own_samples == 16
+    assert make_config({"calib_samples": 6}).own_samples == 1
+    assert make_config({"method": "svd", "allocation": "uniform"}).own_samples == 0
+    assert make_config({"method": "svd"}).own_samples == 16  # knapsack ranks read the calibration
 
 
 def test_with_own_text_interleaves():

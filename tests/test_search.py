@@ -235,6 +235,8 @@ def test_references_in_a_recipe_are_checked(tmp_path):
         SearchConfig.from_dict({"space": space, "references": {"d": {"ratioo": 1.8}}})
     with pytest.raises(VacError, match="must map a name"):
         SearchConfig.from_dict({"space": space, "references": [{"ratio": 1.8}]})
+    with pytest.raises(VacError, match="own_samples"):  # a search calibrates on its own blocks
+        SearchConfig.from_dict({"space": space, "compress_base": {"own_samples": 16}})
 
 
 # ---- checkpoint and resume -----------------------------------------------------------------

@@ -76,7 +76,15 @@ def own_text(cfg: CompressConfig, home, tokenizer, work: Path, progress: bool) -
 
     from vac.selfgen import generated_blocks
 
-    key = {"n": str(cfg.own_samples), "seq_len": str(cfg.seq_len), "seed": str(cfg.seed)}
+    import json
+
+    batch = max(cfg.batch_size, 16)
+    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(home.directory).glob("*.safetensors"))
+    # the work directory may be shared by runs on other models (--work-dir, OUT.work): key the text by all it
+    # depends on
+    key = {"n": str(cfg.own_samples), "seq_len": str(cfg.seq_len), "seed": str(cfg.seed), "batch": str(batch),
+           "model": str(Path(home.directory).resolve()), "weights": json.dumps(weights),
+           "vocab": str(len(tokenizer))}
     path = work / "own-text.safetensors"
     if path.is_file():
         from safetensors import safe_open
@@ -85,16 +93,21 @@ def own_text(cfg: CompressConfig, home, tokenizer, work: Path, progress: bool) -
             if fh.metadata() == key:
                 return load_file(str(path))["ids"]
     offload = work / "own-text-offload"
-    need, free = whole_model_bytes(home), free_bytes(home.device)
-    if need <= free:
-        model = home.to_model(home.device, dense=True)
-    else:
-        log.info("sampling --own-samples from the dense model under disk offload: it needs ~%.1f GiB on %s and "
-                 "%.1f GiB are free", need / 2**30, home.device, free / 2**30)
-        model = offloaded_dense_model(home, offload)
+    weights_bytes, cache_bytes = whole_model_bytes(home), sampling_cache_bytes(home.config, batch, cfg.seq_len, home.dtype)
+    free = free_bytes(home.device)
+    model = None
     try:
-        ids = generated_blocks(model, tokenizer, cfg.own_samples, cfg.seq_len, seed=cfg.seed,
-                               batch_size=max(cfg.batch_size, 16), progress=progress)
+        if weights_bytes + cache_bytes <= free:
+            model = home.to_model(home.device, dense=True)
+        else:
+            steps = (cfg.seq_len - 1) * -(-cfg.own_samples // batch)
+            log.warning("--own-samples: the dense model needs ~%.1f GiB on %s (and %.1f GiB for sampling) and %.1f GiB "
+                        "are free, so it samples under disk offload, reading its weights from disk at each of %d "
+                        "steps (slow on large models; --own-samples 0 calibrates on --calib-data alone)",
+                        weights_bytes / 2**30, home.device, cache_bytes / 2**30, free / 2**30, steps)
+            model = offloaded_dense_model(home, offload)
+        ids = generated_blocks(model, tokenizer, cfg.own_samples, cfg.seq_len, seed=cfg.seed, batch_size=batch,
+                               progress=progress)
     finally:
         del model
         shutil.rmtree(offload, ignore_errors=True)
@@ -105,10 +118,22 @@ def own_text(cfg: CompressConfig, home, tokenizer, work: Path, progress: bool) -
 
 
 def whole_model_bytes(home) -> int:
-    """The dense model's weights in the compute dtype, plus a fifth for activations and the sampling cache."""
+    """The dense model's weights in the compute dtype."""
     from vac.pipeline import param_count
 
-    return param_count(home.model) * torch.finfo(home.dtype).bits // 8 * 6 // 5
+    return param_count(home.model) * torch.finfo(home.dtype).bits // 8
+
+
+def sampling_cache_bytes(config, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Keys and values of ``batch`` sequences of ``seq_len`` tokens, one step's logits (fp32) and a
+    decoder layer's activations over the prompt."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    width = torch.finfo(dtype).bits // 8
+    kv = 2 * text.num_hidden_layers * batch * seq_len * kv_heads * head_dim * width
+    return kv + batch * text.vocab_size * 4 * 2 + batch * (4 * text.hidden_size + 3 * text.intermediate_size) * width
 
 
 def free_bytes(device: torch.device) -> int:

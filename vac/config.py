@@ -168,8 +168,8 @@ class CompressConfig:
         for name in ("calib_samples", "eval_samples", "seq_len", "batch_size", "fisher_samples", "rank_grid"):
             if int(getattr(self, name)) < 1:
                 raise VacError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.own_samples is None:  # the default: a quarter of the calibration (see the option's help)
-            self.own_samples = int(self.calib_samples) // 4
+        if self.own_samples is None:  # the default: a quarter of the calibration (see the option's help) ...
+            self.own_samples = 0 if self.reads_no_calibration() else int(self.calib_samples) // 4  # ... if any
         if isinstance(self.own_samples, bool) or not isinstance(self.own_samples, int) or self.own_samples < 0:
             raise VacError(f"--own-samples must be a whole number >= 0, got {self.own_samples!r}")
         if int(self.own_samples) > int(self.calib_samples):
@@ -190,6 +190,14 @@ class CompressConfig:
                 and self.hidden_ram_gb > 0):
             raise VacError(f"--hidden-ram-gb must be a positive number of GiB, got {self.hidden_ram_gb!r}")
         return self
+
+    def reads_no_calibration(self) -> bool:
+        """Plain SVD with uniform ranks and no quantization refit reads weights only."""
+        from vac.methods import METHODS
+
+        m = METHODS.get(self.method)
+        return (m is not None and not (m.needs_inputs or m.needs_output_grads or m.needs_fisher)
+                and self.allocation == "uniform" and not self.quantize_compensate)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -233,6 +241,10 @@ class CompressConfig:
             why["group_size"] = "the group size applies to --quantize w4 only"
         if self.quantize == "none":
             why["quantize_compensate"] = "there is nothing to compensate without --quantize"
+        if self.reads_no_calibration():
+            why["own_samples"] = f"--method {self.method} with --allocation uniform reads no calibration text"
+        elif self.own_samples is not None and self.own_samples == self.calib_samples:
+            why["calib_data"] = "--own-samples equals --calib-samples: every calibration sequence is the model's own"
         if not self.evaluate:
             why["eval_samples"] = "--no-evaluate skips evaluation"
         if not self.eval_tasks:

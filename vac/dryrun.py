@@ -153,7 +153,8 @@ def plan(cfg, shapes: Shapes, device_type: str) -> dict:
         kv = 2 * L * gen_batch * seq * h * cb
         stages["generate"] = dict(device=outer + L * layer + kv + gen_batch * V * 4, host=host_base, disk=0,
                                   passes=f"{seq - 1} sampling steps x {-(-cfg.own_samples // gen_batch)} batch(es) of "
-                                         "the whole dense model")
+                                         "the whole dense model (under disk offload if it does not fit: then the "
+                                         "model is written to the work directory and read at every step)")
     stages |= {
         "gradient_stats": dict(device=profile_dev, host=host_base + min(profile_hidden, cap),
                                disk=stats_disk + max(0, profile_hidden - cap),

@@ -9,12 +9,16 @@ corpus does not contain.
 Each sequence starts from one token drawn uniformly from the vocabulary (special tokens excepted),
 then samples the model's full distribution (temperature 1, no top-k or top-p truncation, which
 would narrow the text to the model's most typical phrases). End-of-text is suppressed so that every
-block is full. The samples depend only on the model, the seed and the sizes.
+block is full (another end token the model may know, such as a document separator, is sampled like
+any other token: corpus blocks cross document boundaries too). Sampling uses its own generation
+settings, never those a checkpoint ships (a repetition penalty would change the distribution). The
+samples depend on the model, the seed, the sizes and the batch size.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 
 def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int = 0, batch_size: int = 16,
@@ -24,7 +28,8 @@ def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int
         return torch.empty((0, seq_len), dtype=torch.long)
     # a model under accelerate's offload hooks has its weights on "meta" and takes inputs anywhere
     device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    vocab = int(getattr(model.config.get_text_config(), "vocab_size", None) or len(tokenizer))
+    # the embedding may be padded past the tokenizer: only ids the tokenizer can produce start a sequence
+    vocab = min(int(getattr(model.config.get_text_config(), "vocab_size", None) or len(tokenizer)), len(tokenizer))
     allowed = torch.ones(vocab, dtype=torch.bool)
     special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < vocab]
     allowed[special] = False
@@ -32,6 +37,8 @@ def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int
     gen = torch.Generator().manual_seed(seed)
     first = starts_from[torch.randint(len(starts_from), (n_blocks,), generator=gen)]
     eos = tokenizer.eos_token_id
+    settings = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                min_new_tokens=seq_len - 1, pad_token_id=eos, eos_token_id=eos, use_cache=True)
     out = []
     chunks = range(0, n_blocks, batch_size)
     if progress:
@@ -42,14 +49,13 @@ def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int
     model.eval()
     try:
         # sampling draws from the global generator: fork it, so a run's other randomness is unchanged
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        # (every CUDA device: under offload the model computes on one while its weights show "meta")
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(seed)
             for i in chunks:
                 ids = first[i:i + batch_size, None].to(device)
-                sampled = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                         top_k=0, top_p=1.0, min_p=None, max_new_tokens=seq_len - 1,
-                                         min_new_tokens=seq_len - 1, pad_token_id=eos, eos_token_id=eos,
-                                         use_cache=True)
+                sampled = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings)
                 out.append(sampled[:, :seq_len].cpu())
     finally:
         model.train(was_training)

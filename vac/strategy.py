@@ -82,6 +82,9 @@ def evaluate_strategy(model_spec: dict, config: dict) -> dict:
     if spec["metric"] not in ("kl", "ppl"):
         raise VacError(f"search metric must be kl or ppl, got {spec['metric']!r}")
     key = json.dumps(spec, sort_keys=True)
+    if config.get("own_samples"):
+        raise VacError("own_samples in a search: a search calibrates on its model spec's data blocks alone (its "
+                       "statistics are shared by every genome); remove own_samples from the search's base config")
     checkpoint, device, dtype, calib, heldout = _base(key)
     cfg = make_config(effective({**{k: v for k, v in config.items() if k != "model"}, "calib_samples": len(calib),
                                  "own_samples": 0,  # a search calibrates on its spec's blocks alone
