@@ -69,6 +69,10 @@ def run_compress(model_dir: Path, out: Path, args: argparse.Namespace, pythonpat
     cmd = [sys.executable, "-m", "vac.compress", "--model", str(model_dir), "--ratio", "1.8", "--out", str(out),
            "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
            "--eval-samples", str(args.eval_samples), "--device", args.device]
+    if pythonpath is None:
+        # this tree: sampling the model's own text holds the whole model when it fits (a stage of its own,
+        # before compression); what this bench measures is the layer-at-a-time compression, as before
+        cmd += ["--own-samples", "0"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
