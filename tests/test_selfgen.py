@@ -60,3 +60,23 @@ def test_disk_offloaded_dense_model_samples_what_the_model_in_memory_samples(tmp
             assert torch.allclose(whole(ids).logits, offloaded(ids).logits, atol=1e-5)
         tok = tiny_tokenizer()
         assert torch.equal(generated_blocks(whole, tok, 3, 10, seed=4), generated_blocks(offloaded, tok, 3, 10, seed=4))
+
+
+def test_sampling_cache_estimate_counts_the_keys_and_values_a_grouped_query_model_keeps():
+    # the memory check before sampling (and --dry-run's generate stage) must count key/value heads, not
+    # query heads: a grouped-query model keeps a fraction of the cache
+    from transformers import DynamicCache
+
+    from vac.compress import sampling_cache_bytes
+
+    model = tiny_model("mistral")  # head_dim 16, fewer key/value heads than query heads
+    text = model.config
+    assert text.num_key_value_heads < text.num_attention_heads
+    batch, seq = 3, 10
+    cache = DynamicCache(config=text)
+    with torch.no_grad():
+        model(torch.randint(2, 50, (batch, seq)), cache=cache, use_cache=True)
+    kept = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    estimate = sampling_cache_bytes(text, batch, seq, torch.float32)
+    rest = batch * text.vocab_size * 4 * 2 + batch * (4 * text.hidden_size + 3 * text.intermediate_size) * 4
+    assert estimate - rest == kept

@@ -74,11 +74,11 @@ def own_text(cfg: CompressConfig, home, tokenizer, work: Path, progress: bool) -
     disk module by module at every step: slow, but any size runs on any device)."""
     from safetensors.torch import load_file, save_file
 
-    from vac.selfgen import generated_blocks
+    from vac.selfgen import generated_blocks, sampling_batch
 
     import json
 
-    batch = max(cfg.batch_size, 16)
+    batch = sampling_batch(cfg.batch_size)
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(home.directory).glob("*.safetensors"))
     # the work directory may be shared by runs on other models (--work-dir, OUT.work): key the text by all it
     # depends on
@@ -125,15 +125,11 @@ def whole_model_bytes(home) -> int:
 
 
 def sampling_cache_bytes(config, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Keys and values of ``batch`` sequences of ``seq_len`` tokens, one step's logits (fp32) and a
-    decoder layer's activations over the prompt."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    width = torch.finfo(dtype).bits // 8
-    kv = 2 * text.num_hidden_layers * batch * seq_len * kv_heads * head_dim * width
-    return kv + batch * text.vocab_size * 4 * 2 + batch * (4 * text.hidden_size + 3 * text.intermediate_size) * width
+    """What sampling needs beyond the weights (vac.selfgen.cache_bytes) for a model of ``config``."""
+    from vac.dryrun import Shapes
+    from vac.selfgen import cache_bytes
+
+    return cache_bytes(Shapes.of(config), batch, seq_len, torch.finfo(dtype).bits // 8)
 
 
 def free_bytes(device: torch.device) -> int:

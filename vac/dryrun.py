@@ -149,9 +149,11 @@ def plan(cfg, shapes: Shapes, device_type: str) -> dict:
     factors_disk = compressed
     stages = {}
     if cfg.own_samples:  # --own-samples: the whole dense model and its sampling cache (keys and values)
-        gen_batch = max(batch, 16)
-        kv = 2 * L * gen_batch * seq * h * cb
-        stages["generate"] = dict(device=outer + L * layer + kv + gen_batch * V * 4, host=host_base, disk=0,
+        from vac.selfgen import cache_bytes, sampling_batch
+
+        gen_batch = sampling_batch(batch)
+        stages["generate"] = dict(device=outer + L * layer + cache_bytes(shapes, gen_batch, seq, cb), host=host_base,
+                                  disk=0,
                                   passes=f"{seq - 1} sampling steps x {-(-cfg.own_samples // gen_batch)} batch(es) of "
                                          "the whole dense model (under disk offload if it does not fit: then the "
                                          "model is written to the work directory and read at every step)")

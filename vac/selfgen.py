@@ -21,7 +21,22 @@ import torch
 from transformers import GenerationConfig
 
 
-def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int = 0, batch_size: int = 16,
+BATCH = 16  # sequences sampled side by side (at least --batch-size)
+
+
+def sampling_batch(batch_size: int) -> int:
+    return max(batch_size, BATCH)
+
+
+def cache_bytes(shapes, batch: int, seq_len: int, width: int) -> int:
+    """Memory that sampling needs beyond the weights, for a model of ``shapes`` (vac.dryrun.Shapes)
+    with ``width``-byte activations: keys and values of ``batch`` sequences of ``seq_len`` tokens, one
+    step's logits (fp32, and their softmax) and a decoder layer's activations over the prompt."""
+    kv = 2 * shapes.layers * batch * seq_len * shapes.kv_out * width
+    return kv + batch * shapes.vocab * 4 * 2 + batch * (4 * shapes.hidden + 3 * shapes.intermediate) * width
+
+
+def generated_blocks(model, tokenizer, n_blocks: int, seq_len: int, *, seed: int = 0, batch_size: int = BATCH,
                      progress: bool = False) -> torch.Tensor:
     """``n_blocks`` x ``seq_len`` token ids sampled from ``model`` (on its device), on CPU."""
     if n_blocks <= 0:
