@@ -8,6 +8,9 @@ memory is its own (``wait4``'s ``ru_maxrss``); per-stage figures come from its `
     # depth-independence: hidden 1024, intermediate 2816, 16 heads, fp32, depths 2, 4 and 8;
     # --baseline-rev runs the same at an older commit, side by side
     python experiments/bench_scale.py depth --depths 2 4 8 --baseline-rev 76874d0
+    # the same with the default's own-text sampling (a quarter of the calibration): the whole model
+    # is held while it samples, so that stage grows with depth by design
+    python experiments/bench_scale.py depth --depths 2 8 --own-samples 4
 
     # true OLMo-3-7B layer shapes at depths 1, 2, 4 (vocabulary cut to the bundled tokenizer's 49,152),
     # extrapolated to 32 layers; --shape 32b for OLMo-3-32B layers, extrapolated to 64
@@ -71,8 +74,8 @@ def run_compress(model_dir: Path, out: Path, args: argparse.Namespace, pythonpat
            "--eval-samples", str(args.eval_samples), "--device", args.device]
     if pythonpath is None:
         # this tree: sampling the model's own text holds the whole model when it fits (a stage of its own,
-        # before compression); what this bench measures is the layer-at-a-time compression, as before
-        cmd += ["--own-samples", "0"]
+        # "generate", before compression); by default this bench measures the layer-at-a-time compression
+        cmd += ["--own-samples", str(args.own_samples)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -211,6 +214,9 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--own-samples", type=int, default=0,
+                   help="of --calib-samples, sequences sampled from the dense model (the 'generate' stage, whole "
+                        "model in memory when it fits); 0: the layer-at-a-time stages alone")
     p.add_argument("--device", default="cpu", help="where vac.compress computes: cpu, or cuda on a GPU machine")
     p.add_argument("--scratch", default=None, help="where the random checkpoints go (they are large)")
     p.add_argument("--results", default=None, help="append the table to this markdown file")
