@@ -227,6 +227,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.ticker
     from matplotlib.colors import LogNorm
 
+    times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")  # log axes read 2x, 3x, not 2 x 10^0
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     domains = list(DOMAINS)
@@ -249,7 +250,6 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xlabel("evaluated on")
         ax.set_title("PPL / dense PPL at each row's ratio (boxed: the row's own domain)")
         bar = fig.colorbar(im, ax=ax, label="PPL / dense")
-        times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
         bar.ax.yaxis.set_major_formatter(times)
         bar.ax.yaxis.set_minor_formatter(times)
         fig.tight_layout()
@@ -266,8 +266,8 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         ax.plot(x, [r["mean"] for r in sizes], marker="s", color="black", lw=2.5, label="mean")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_major_formatter(times)
+        ax.yaxis.set_minor_formatter(times)
         ax.set_xticks(x, [f"{t // 1024}k" for t in x])
         ax.set_xlabel("calibration tokens (the mixture, a quarter own text)")
         ax.set_ylabel("PPL / dense")
