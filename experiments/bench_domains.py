@@ -259,7 +259,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     sizes = sorted((r for r in records if r["kind"] in ("sizes", "mixture") and r["method"] == "default"),
                    key=lambda r: r["tokens"])
     if len({r["tokens"] for r in sizes}) >= 2:
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(1.2, 1))
         x = [r["tokens"] for r in sizes]
         for d in domains:
             ax.plot(x, [r["ppl_ratio"][d] for r in sizes], marker="o", label=d)
@@ -271,7 +271,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         ax.set_xticks(x, [f"{t // 1024}k" for t in x])
         ax.set_xlabel("calibration tokens (the mixture, a quarter own text)")
         ax.set_ylabel("PPL / dense")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(alpha=0.3, which="both")
         bottom = [0.0] * len(sizes)
         for stage in dict.fromkeys(k for r in sizes for k in r["stages"]):
