@@ -26,7 +26,7 @@ domain, log colour) and, for the 'sizes' rows, ``DIR/sizes.png`` (PPL / dense pe
 per stage against calibration tokens); ``--replot FILE...`` draws them again, without compressing,
 from the rows this script printed (its logs, or tables pasted into a markdown file):
 
-    python experiments/bench_domains.py --replot run1.log run2.log --plot experiments/results/domains
+    python experiments/bench_domains.py --replot run1.log run2.log --plot figures/
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     if args.replot is not None:
         if not args.plot:
             p.error("--replot draws figures: give --plot DIR")
+        if args.json or args.results:
+            p.error("--replot compresses nothing, so there is nothing new for --json or --results to write")
         rows = [r for f in args.replot for r in parse_rows(Path(f).read_text(errors="replace"))]
         if not rows:
             p.error(f"no rows printed by this script in {', '.join(args.replot)}")
@@ -198,7 +200,8 @@ _ROW = re.compile(r"^\| (?P<method>\w+) \| (?P<label>[^|]+?) \| (?P<tokens>[\d,]
 
 def parse_rows(text: str) -> list[dict]:
     """The rows this script printed (``| method | calibrated on | tokens | <domains> | mean | compress s |``),
-    as the records ``--json`` writes; the kind ('sizes' for the mixture at a named size) from the label."""
+    as the records ``--json`` writes; the kind (single, mixture, lodo, generated) from the label: a
+    'sizes' row reads back as 'mixture', which the size curve takes alike."""
     out = []
     for line in text.splitlines():
         m = _ROW.match(line.strip())
@@ -234,13 +237,14 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
     if records:
         names = [f"{r['method']}: {r['label']} ({r['tokens'] // 1024}k)" for r in records]
         grid = [[r["ppl_ratio"][d] for d in domains] + [r["mean"]] for r in records]
+        top = max(max(row) for row in grid)
         fig, ax = plt.subplots(figsize=(1.1 * (len(domains) + 1) + 4, 0.42 * len(records) + 1.6))
-        im = ax.imshow(grid, norm=LogNorm(vmin=1.0, vmax=max(max(row) for row in grid)), cmap="magma_r",
+        im = ax.imshow(grid, norm=LogNorm(vmin=1.0, vmax=top), cmap="magma_r",
                        aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.1f}" if v < 100 else f"{v:.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if math.log(v) > 0.6 * math.log(max(max(g) for g in grid)) else "black")
+                        color="white" if math.log(v) > 0.6 * math.log(top) else "black")
             dom = records[i]["label"].removeprefix("all but ").split(" ")[0].rstrip(",")
             if dom in domains:  # the cell the row is about: calibrated on d, or d left out
                 ax.add_patch(plt.Rectangle((domains.index(dom) - 0.5, i - 0.5), 1, 1, fill=False, lw=2,
@@ -269,7 +273,7 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
         ax.yaxis.set_major_formatter(times)
         ax.yaxis.set_minor_formatter(times)
         ax.set_xticks(x, [f"{t // 1024}k" for t in x])
-        ax.set_xlabel("calibration tokens (the mixture, a quarter own text)")
+        ax.set_xlabel("calibration tokens (the mixture)")
         ax.set_ylabel("PPL / dense")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(alpha=0.3, which="both")

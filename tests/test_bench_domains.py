@@ -54,3 +54,5 @@ def test_replot_needs_rows(bench, tmp_path):
         bench.main(["--replot", str(empty), "--plot", str(tmp_path)])
     with pytest.raises(SystemExit):
         bench.main(["--replot", str(empty)])
+    with pytest.raises(SystemExit):  # nothing new to write
+        bench.main(["--replot", str(empty), "--plot", str(tmp_path), "--json", str(tmp_path / "x.json")])
