@@ -140,7 +140,7 @@ def stray(root: Path) -> list[str]:
 
 
 def valid_export(out: Path) -> bool:
-    from vac.export import is_vac_export
+    from vac.outdir import is_vac_export
     from vac.validate import safetensors_header
 
     try:

@@ -220,7 +220,7 @@ def test_leftovers_of_killed_exports_are_removed_and_nothing_else(factorized, tm
 
 
 def test_a_kill_between_the_two_renames_loses_nothing(factorized, tmp_path):
-    from vac.export import clean_interrupted, is_vac_export
+    from vac.outdir import clean_interrupted, is_vac_export
 
     out = tmp_path / "out"
     _export(factorized, out)

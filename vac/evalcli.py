@@ -113,7 +113,7 @@ def evaluate_export(checkpoints: list[Path], reference: str, tasks: list[str], l
 def run(args, command: str, into: Path | None = None) -> int:
     """Evaluate as ``args`` say; the record and the card section go to ``into`` (default: the first checkpoint).
     An earlier eval.json there is merged when it is about the same models (a part this run skips is kept)."""
-    from vac.export import write_json, write_text
+    from vac.files import write_json, write_text
     from vac.models import load, resolve_device
     from vac.public import public
     from vac.recover.cli import load_student

@@ -1,10 +1,15 @@
-"""Small file-system helpers shared by exports, recovery checkpoints and the search's run directory."""
+"""Small file-system helpers shared by exports, reports, recovery checkpoints and the search's run
+directory."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
+
+import torch
 
 
 def sha256_file(path: Path, block: int = 1 << 24) -> str:
@@ -38,3 +43,28 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -254,7 +254,7 @@ def offline_task_dir(root: Path | None = None, documents: dict[str, list[str]] |
     if stamp.is_file() and stamp.read_text().strip() == digest and all(
             (root / f"{t}.yaml").is_file() for t in OFFLINE_TASKS):
         return root
-    from vac.export import write_text
+    from vac.files import write_text
 
     root.mkdir(parents=True, exist_ok=True)
     for task, items in offline_items(documents).items():

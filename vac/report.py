@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vac import __version__
-from vac.export import write_json, write_text
+from vac.files import write_json, write_text
 
 
 def build_report(*, cfg, loaded, family: str, result, dense_model_params: int, compressed_model_params: int,

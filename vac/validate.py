@@ -503,7 +503,7 @@ def check_out_location(out, flag: str = "--out", *, overwrite: bool = False, exp
     ``out`` is not the current folder or one of its ancestors, holds none of the ``inputs``
     (flag, path), is empty or a previous VAC export that ``overwrite`` may replace, and the disk
     has ``expected_bytes`` free. Leftovers of an interrupted export to ``out`` are tidied first."""
-    from vac.export import check_out_dir, clean_interrupted
+    from vac.outdir import check_out_dir, clean_interrupted
 
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise VacError(f"{flag} must be a folder path, got {out!r}")
@@ -597,7 +597,7 @@ def check_student(directory: Path, flag: str = "--student") -> ModelInfo:
     if not isinstance(config, dict) or "vac" not in config:
         raise VacError(f"{flag} {d} is not a VAC checkpoint (config.json has no 'vac' entry); compress it first "
                        "with `python -m vac.compress --out DIR`")
-    from vac.export import MODELING_FILES
+    from vac.outdir import MODELING_FILES
 
     missing = [n for n in MODELING_FILES if not (d / n).is_file()]
     if missing or not list(d.glob("*.safetensors")):

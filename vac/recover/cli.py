@@ -91,7 +91,8 @@ def run_cli(args: argparse.Namespace, rcfg: RecoverConfig) -> int:
     from vac import __version__
     from vac.evaluate import merge_model_evaluation
     from vac.data import evaluation_blocks
-    from vac.export import export, write_json
+    from vac.export import export
+    from vac.files import write_json
     from vac.models import load
     from vac.public import public
     from vac.validate import validate_recover
