@@ -9,8 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def sha256_file(path: Path, block: int = 1 << 24) -> str:
     h = hashlib.sha256()
@@ -63,6 +61,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _json_default(o):
+    import torch  # (not at import: the helpers above serve code that needs no torch)
+
     if isinstance(o, torch.Tensor):
         return o.tolist()
     if isinstance(o, Path):
